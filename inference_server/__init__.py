@@ -1,0 +1,1 @@
+"""The gRPC inference core around a llama.cpp chat model."""

@@ -1,0 +1,82 @@
+"""``python -m inference_server [model_path]``: run the gRPC inference core alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from functools import partial
+
+from .engine import LlamaEngine
+from .llama_model import LlamaModel
+from .model_files import resolve_model_path
+from .server import create_server
+from .sessions import InMemorySessionStore
+from .settings import ServerSettings
+
+log = logging.getLogger("inference_server")
+
+
+def parse_settings(argv: list[str]) -> ServerSettings:
+    """Settings from the environment and the command line; a first argument that
+    is not a flag is the model path, as in ``api_service.py [model_path]``."""
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model-path", argv[0], *argv[1:]]
+    return ServerSettings(_cli_parse_args=argv, _cli_prog_name="python -m inference_server")
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Start serving at once (health NOT_SERVING), load the model, then SERVING
+    until SIGINT or SIGTERM; then drain streams in flight and free the model."""
+    model_path = resolve_model_path(settings.model_path)
+    engine = LlamaEngine(
+        settings,
+        InMemorySessionStore(settings.history_exchanges),
+        load_model=partial(
+            LlamaModel,
+            str(model_path),
+            n_ctx=settings.n_ctx,
+            n_gpu_layers=settings.n_gpu_layers,
+            n_threads=settings.n_threads,
+            n_batch=settings.n_batch,
+        ),
+    )
+    core = await create_server(settings.grpc_address, engine)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await core.server.start()
+    log.info("gRPC server on %s (port %d); loading %s", settings.grpc_address, core.port, model_path)
+    try:
+        loading = asyncio.ensure_future(engine.load())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # raises if the model failed to load
+            await core.set_serving(True)
+            log.info("model loaded; serving")
+            await stopping
+        log.info("shutting down")
+        await core.set_serving(False)
+        await core.server.stop(settings.shutdown_grace_s)
+    finally:
+        await engine.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(settings))
+    except FileNotFoundError as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The engine's vocabulary: plain dataclasses, no protobuf, no HTTP."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(enum.Enum):
+    """Why generation stopped."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request; ``None`` means the server's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One user message to a session (``None``: a new session)."""
+
+    message: str
+    session_id: str | None = None
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the reply, as soon as it is decoded (whole UTF-8 characters)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The end of a reply: the whole text, why it ended, and token counts."""
+
+    session_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+ChatEvent = TextDelta | ChatResult
+"""What ``Engine.chat_stream`` yields: deltas, then exactly one result."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One user message and the reply to it, as kept in a session's history."""
+
+    user: str
+    assistant: str

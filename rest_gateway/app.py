@@ -1,0 +1,53 @@
+"""``create_app(settings)``: the FastAPI application of the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from grpc_health.v1 import health_pb2_grpc
+
+from llamachat.v1 import chat_pb2_grpc
+
+from .errors import BadRequestForCore, handle_bad_request, handle_rpc_error
+from .routes import SERVICE_NAME, VERSION, router
+from .settings import GatewaySettings
+
+# Reconnect quickly once the core is back, so the gateway recovers by itself.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+DESCRIPTION = """REST and Server-Sent Events API of a local llama.cpp chat model.
+
+The gateway calls the gRPC inference core (`llamachat.v1.ChatService`) for every request."""
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """The gateway app; its lifespan owns one gRPC channel to the core."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with grpc.aio.insecure_channel(settings.grpc_address, options=CHANNEL_OPTIONS) as channel:
+            app.state.chat_stub = chat_pb2_grpc.ChatServiceStub(channel)
+            app.state.health_stub = health_pb2_grpc.HealthStub(channel)
+            yield
+
+    app = FastAPI(title=SERVICE_NAME, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=False,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
+    app.add_exception_handler(BadRequestForCore, handle_bad_request)
+    app.include_router(router)
+    return app

@@ -1,0 +1,51 @@
+"""The one table from gRPC status codes to HTTP statuses, and its handler."""
+
+from __future__ import annotations
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+# After google/rpc/code.proto.
+HTTP_STATUS_FOR_GRPC: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_for(code: grpc.StatusCode) -> int:
+    """The HTTP status of a gRPC status code; anything unlisted is a 500."""
+    return HTTP_STATUS_FOR_GRPC.get(code, 500)
+
+
+def detail_of(error: grpc.aio.AioRpcError) -> str:
+    """What the core said went wrong, for the ``detail`` (or SSE ``error``) field."""
+    return error.details() or error.code().name
+
+
+async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI exception handler: a failed call to the core as ``{"detail": ...}``."""
+    assert isinstance(error, grpc.aio.AioRpcError)
+    return JSONResponse(
+        status_code=http_status_for(error.code()), content={"detail": detail_of(error)}
+    )
+
+
+class BadRequestForCore(ValueError):
+    """The request could not be put into a gRPC message (for example a string
+    that is not valid UTF-8)."""
+
+
+async def handle_bad_request(request: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"detail": str(error)})

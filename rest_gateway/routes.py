@@ -1,0 +1,146 @@
+"""The documented REST endpoints: pydantic in, gRPC call, JSON or SSE out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llamachat.v1 import chat_pb2, chat_pb2_grpc
+
+from . import schemas
+from .errors import BadRequestForCore
+from .settings import GatewaySettings
+from .sse import relay
+
+SERVICE_NAME = "LLaMA Chat API"
+VERSION = "1.0.0"
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad request: blank message, value out of range, message too long",
+        404: "Session not found",
+        503: "Model not loaded, or the inference core is unreachable",
+        504: "The inference core did not answer in time",
+    }.items()
+}
+
+router = APIRouter()
+
+
+def settings_of(request: Request) -> GatewaySettings:
+    return request.app.state.settings
+
+
+def chat_stub(request: Request) -> chat_pb2_grpc.ChatServiceStub:
+    return request.app.state.chat_stub
+
+
+def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
+    return request.app.state.health_stub
+
+
+def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
+    """The gRPC request for a REST body; fields left out stay unset."""
+    fields = body.model_dump(exclude_none=True)
+    try:
+        message = message_type(**fields)
+        message.SerializeToString()  # fails here, not in the channel, on bad UTF-8
+    except (ValueError, TypeError) as error:
+        raise BadRequestForCore(f"Invalid request: {error}") from error
+    return message
+
+
+@router.get("/", response_model=schemas.InfoResponse)
+async def info() -> schemas.InfoResponse:
+    """Basic service information."""
+    return schemas.InfoResponse(service=SERVICE_NAME, version=VERSION, docs="/docs", health="/health")
+
+
+@router.get(
+    "/health",
+    response_model=schemas.HealthResponse,
+    responses={503: {"model": schemas.HealthResponse, "description": "Model not loaded"}},
+)
+async def health(
+    stub: health_pb2_grpc.HealthStub = Depends(health_stub),
+    settings: GatewaySettings = Depends(settings_of),
+) -> Any:
+    """Whether the core is reachable and its model loaded (503 otherwise)."""
+    try:
+        reply = await stub.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=settings.health_timeout_s
+        )
+        loaded = reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:
+        loaded = False
+    if loaded:
+        return schemas.HealthResponse(status="healthy", model_loaded=True)
+    return JSONResponse(status_code=503, content={"status": "unavailable", "model_loaded": False})
+
+
+@router.post("/chat", response_model=schemas.ChatResponse, responses=ERRORS)
+async def chat(
+    body: schemas.ChatRequest,
+    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
+    settings: GatewaySettings = Depends(settings_of),
+) -> schemas.ChatResponse:
+    """Send a message and receive the complete response."""
+    reply = await stub.Chat(to_grpc(chat_pb2.ChatRequest, body), timeout=settings.grpc_deadline_s)
+    return schemas.ChatResponse(
+        response=reply.text, session_id=reply.session_id, tokens_used=reply.usage.completion_tokens
+    )
+
+
+@router.post(
+    "/chat/stream",
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+    response_class=StreamingResponse,
+)
+async def chat_stream(
+    body: schemas.ChatRequest,
+    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
+    settings: GatewaySettings = Depends(settings_of),
+) -> StreamingResponse:
+    """Send a message and receive the response as Server-Sent Events."""
+    call = stub.ChatStream(
+        to_grpc(chat_pb2.ChatStreamRequest, body), timeout=settings.grpc_deadline_s
+    )
+    messages = aiter(call)
+    try:
+        # Errors found before the first piece of text (bad input, unknown
+        # model state) still get their own HTTP status, not a 200 stream.
+        first = await anext(messages)
+    except BaseException:
+        call.cancel()
+        raise
+    return StreamingResponse(
+        relay(first, messages, call),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/chat/clear", response_model=schemas.ClearResponse, responses=ERRORS)
+async def clear(
+    body: schemas.ClearRequest,
+    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
+    settings: GatewaySettings = Depends(settings_of),
+) -> schemas.ClearResponse:
+    """Forget a session and its history (404 if there is none)."""
+    reply = await stub.Clear(to_grpc(chat_pb2.ClearRequest, body), timeout=settings.grpc_deadline_s)
+    return schemas.ClearResponse(status="cleared", session_id=reply.session_id)
+
+
+@router.get("/sessions", response_model=schemas.SessionsResponse, responses=ERRORS)
+async def sessions(
+    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
+    settings: GatewaySettings = Depends(settings_of),
+) -> schemas.SessionsResponse:
+    """All sessions the core keeps."""
+    reply = await stub.ListSessions(chat_pb2.ListSessionsRequest(), timeout=settings.grpc_deadline_s)
+    return schemas.SessionsResponse(sessions=list(reply.session_ids), count=len(reply.session_ids))

@@ -1,0 +1,81 @@
+"""The documented request and response bodies, as pydantic models.
+
+They check shapes and types only (wrong types get 422). Values are checked
+once, by the inference core, so REST and gRPC users get the same rules and
+messages (a blank message or an out-of-range value gets 400). The integer
+bounds below are the gRPC wire types' ranges.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+__all__ = ["BaseModel"]
+
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+
+
+class ChatRequest(BaseModel):
+    message: str = Field(description="Your message to the AI.", examples=["Hello, how are you?"])
+    session_id: str | None = Field(
+        default=None,
+        description="Session to continue. Omitted: a new session is created and returned. "
+        "An id that does not exist yet creates that session.",
+    )
+    temperature: float | None = Field(
+        default=None, description="Sampling temperature, 0.0-2.0 (default 0.7)."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=-INT32_MAX - 1,
+        le=INT32_MAX,
+        description="Maximum number of tokens in the response, 1 to the context size "
+        "(default 512).",
+    )
+    top_p: float | None = Field(
+        default=None, description="Nucleus sampling parameter, 0.0-1.0 (default 0.9)."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=UINT32_MAX,
+        description="Seed of the sampler, for reproducible sampling (default random). "
+        "An extension to the documented API.",
+    )
+
+
+class ChatResponse(BaseModel):
+    response: str
+    session_id: str
+    tokens_used: int = Field(description="Number of tokens generated for the response.")
+
+
+class ClearRequest(BaseModel):
+    session_id: str
+
+
+class ClearResponse(BaseModel):
+    status: str = "cleared"
+    session_id: str
+
+
+class SessionsResponse(BaseModel):
+    sessions: list[str]
+    count: int
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model_loaded: bool
+
+
+class InfoResponse(BaseModel):
+    service: str
+    version: str
+    docs: str
+    health: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str

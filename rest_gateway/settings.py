@@ -1,0 +1,47 @@
+"""Settings of the REST gateway: one object, built once in ``main()``.
+
+Every field is an environment variable (its name in upper case) and a
+command-line flag (``--field-name``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Configuration of the REST gateway."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", cli_kebab_case=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(default=8002, ge=0, le=65535, description="HTTP port.")
+    grpc_address: str = Field(
+        default="127.0.0.1:50051", description="Address of the gRPC inference core."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=["*"],
+        description="Origins allowed by CORS, comma-separated; '*' allows every "
+        "origin (without credentials).",
+    )
+    grpc_deadline_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Deadline of each call to the core, in seconds (504 past it).",
+    )
+    health_timeout_s: float = Field(
+        default=2.0, gt=0, description="Deadline of the health check of the core."
+    )
+    log_level: str = Field(default="info", description="Logging level.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
