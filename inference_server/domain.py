@@ -25,6 +25,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampling settings after defaults are applied: every value set."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """One user message to a session (``None``: a new session)."""
 

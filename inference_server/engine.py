@@ -15,13 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Protocol, TypeVar
 
-import llama_cpp
-
 from .domain import ChatEvent, ChatRequest, ChatResult, Exchange, FinishReason, TextDelta
-from .errors import ContextOverflow, EngineNotReady, InvalidRequest
-from .llama_model import Generation, LlamaModel, Sampling
+from .errors import ContextOverflow, EngineNotReady
+from .llama_model import Generation, LlamaModel
 from .sessions import SessionStore
 from .settings import ServerSettings
+from .validation import resolve_sampling
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,25 +113,6 @@ class LlamaEngine:
             raise EngineNotReady()
         return self._model
 
-    def _resolve(self, request: ChatRequest, n_ctx: int) -> Sampling:
-        """Validate the request and fill in the defaults of unset sampling fields."""
-        if not request.message.strip():
-            raise InvalidRequest("Message cannot be empty")
-        s, d = request.sampling, self._settings
-        temperature = d.default_temperature if s.temperature is None else s.temperature
-        top_p = d.default_top_p if s.top_p is None else s.top_p
-        max_tokens = d.default_max_tokens if s.max_tokens is None else s.max_tokens
-        if not 0.0 <= temperature <= 2.0:
-            raise InvalidRequest(f"temperature must be between 0 and 2, got {temperature}")
-        if not 0.0 <= top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be between 0 and 1, got {top_p}")
-        if not 1 <= max_tokens <= n_ctx:
-            raise InvalidRequest(
-                f"max_tokens must be between 1 and the context size {n_ctx}, got {max_tokens}"
-            )
-        seed = llama_cpp.LLAMA_DEFAULT_SEED if s.seed is None else s.seed
-        return Sampling(temperature, top_p, max_tokens, seed)
-
     def _messages(self, history: list[Exchange], message: str) -> list[dict[str, str]]:
         messages = []
         if self._settings.system_prompt:
@@ -154,7 +134,7 @@ class LlamaEngine:
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         model = self._require_model()
-        sampling = self._resolve(request, model.n_ctx)
+        sampling = resolve_sampling(request, self._settings, model.n_ctx)
         session_id = request.session_id or str(uuid.uuid4())
         async with self._turn:
             history = self._store.history(session_id)

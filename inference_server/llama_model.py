@@ -18,7 +18,7 @@ import llama_cpp
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .domain import FinishReason
+from .domain import FinishReason, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,6 @@ CHATML_TEMPLATE = (
 # Samplers besides temperature and top_p keep llama.cpp's own defaults.
 TOP_K = 40
 MIN_P = 0.05
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Resolved sampling settings: every value set."""
-
-    temperature: float
-    top_p: float
-    max_tokens: int
-    seed: int
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""Start the whole service: the gRPC inference core and the REST gateway.
+
+    python api_service.py [model_path]
+
+The model is ``model_path``, else ``MODEL_PATH``, else the default model. Both
+processes read their other settings from the environment (see the README).
+Ctrl-C or SIGTERM stops both; if either exits, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+STOP_TIMEOUT_S = 30.0
+
+
+def start(module: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT)
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    processes = [start("inference_server", *argv[:1]), start("rest_gateway")]
+    host, port = os.environ.get("HOST", "127.0.0.1"), os.environ.get("PORT", "8002")
+    print(f"LLaMA Chat API starting on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        while not stopping and all(p.poll() is None for p in processes):
+            time.sleep(0.2)
+    finally:
+        stop_all(processes)
+    failed = any(p.returncode not in (0, -signal.SIGTERM) for p in processes)
+    return 1 if failed and not stopping else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,15 @@
+"""Python clients of the LLaMA Chat service: REST (``LLMChatClient``) and gRPC
+(``GrpcChatClient``), each holding one long-lived connection."""
+
+from .errors import ChatAPIError, SessionNotFoundError, BadRequestError, ServiceUnavailableError
+from .grpc_client import GrpcChatClient
+from .rest_client import LLMChatClient
+
+__all__ = [
+    "BadRequestError",
+    "ChatAPIError",
+    "GrpcChatClient",
+    "LLMChatClient",
+    "ServiceUnavailableError",
+    "SessionNotFoundError",
+]

@@ -1,0 +1,40 @@
+"""Checks of a chat request's values, and the defaults of unset sampling fields.
+
+One place for these rules, so that every engine (and every protocol in front
+of it) accepts and refuses exactly the same requests.
+"""
+
+from __future__ import annotations
+
+from llama_cpp import LLAMA_DEFAULT_SEED
+
+from .domain import ChatRequest, Sampling
+from .errors import InvalidRequest
+from .settings import ServerSettings
+
+
+def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int) -> Sampling:
+    """The request's sampling settings with defaults filled in.
+
+    Raises ``InvalidRequest`` for a blank message or a value out of range.
+    An unset seed becomes llama.cpp's "random seed" value.
+    """
+    if not request.message.strip():
+        raise InvalidRequest("Message cannot be empty")
+    given = request.sampling
+    temperature = settings.default_temperature if given.temperature is None else given.temperature
+    top_p = settings.default_top_p if given.top_p is None else given.top_p
+    # The default never exceeds the context; a value the client sets must fit.
+    max_tokens = (
+        min(settings.default_max_tokens, n_ctx) if given.max_tokens is None else given.max_tokens
+    )
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequest(f"temperature must be between 0 and 2, got {temperature}")
+    if not 0.0 <= top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be between 0 and 1, got {top_p}")
+    if not 1 <= max_tokens <= n_ctx:
+        raise InvalidRequest(
+            f"max_tokens must be between 1 and the context size {n_ctx}, got {max_tokens}"
+        )
+    seed = LLAMA_DEFAULT_SEED if given.seed is None else given.seed
+    return Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)

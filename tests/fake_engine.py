@@ -1,0 +1,76 @@
+"""A hand-written fake ``Engine`` for the servicer and gateway tests.
+
+It yields scripted pieces, and can fail or wait for cancellation mid-stream.
+It validates requests with the real rules (``resolve_sampling``) and keeps
+sessions in the real ``InMemorySessionStore``, so only the model is faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from inference_server.domain import ChatEvent, ChatRequest, ChatResult, Exchange, FinishReason, TextDelta
+from inference_server.engine import collect
+from inference_server.errors import ContextOverflow, EngineNotReady
+from inference_server.sessions import InMemorySessionStore
+from inference_server.settings import ServerSettings
+from inference_server.validation import resolve_sampling
+
+FAKE_N_CTX = 256
+
+
+class FakeEngine:
+    """Replies with ``script`` (one piece per token); one character of the
+    message counts as one prompt token, so a message over ``FAKE_N_CTX``
+    characters does not fit."""
+
+    def __init__(self, script: list[str] | None = None) -> None:
+        self.script = script or ["Hello", ",", " world", "!"]
+        self.ready = True
+        self.fail_after: int | None = None  # raise after this many pieces
+        self.hang_after: int | None = None  # wait for cancellation after this many pieces
+        self.pieces_sent = 0
+        self.cancelled = asyncio.Event()
+        self.requests: list[ChatRequest] = []
+        self.store = InMemorySessionStore(window=5)
+        self.settings = ServerSettings()
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        if not self.ready:
+            raise EngineNotReady()
+        sampling = resolve_sampling(request, self.settings, FAKE_N_CTX)
+        if len(request.message) >= FAKE_N_CTX:
+            raise ContextOverflow(len(request.message), FAKE_N_CTX)
+        self.requests.append(request)
+        session_id = request.session_id or str(uuid.uuid4())
+        pieces = self.script[: sampling.max_tokens]
+        try:
+            for index, piece in enumerate(pieces):
+                if index == self.fail_after:
+                    raise RuntimeError("the model fell over")
+                if index == self.hang_after:
+                    await asyncio.Event().wait()  # until cancelled
+                self.pieces_sent += 1
+                yield TextDelta(piece)
+                await asyncio.sleep(0)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled.set()
+            raise
+        finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
+        text = "".join(pieces)
+        self.store.append(session_id, Exchange(request.message, text))
+        yield ChatResult(session_id, text, finish, len(request.message), len(pieces))
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await collect(self.chat_stream(request))
+
+    async def clear(self, session_id: str) -> None:
+        self.store.delete(session_id)
+
+    async def list_sessions(self) -> list[str]:
+        return self.store.session_ids()
