@@ -48,11 +48,12 @@ def say(client: LLMChatClient | GrpcChatClient, message: str, args: argparse.Nam
 def interactive(client: LLMChatClient | GrpcChatClient, args: argparse.Namespace) -> None:
     print("Type a message; /clear starts over, /quit leaves.", file=sys.stderr)
     while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
+        print("you> ", end="", file=sys.stderr, flush=True)
+        raw = sys.stdin.readline()
+        if not raw:  # Ctrl-D
             print(file=sys.stderr)
             return
+        line = raw.strip()
         if line == "/quit":
             return
         if line == "/clear":

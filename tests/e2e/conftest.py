@@ -1,0 +1,87 @@
+"""Real processes: the inference core and the REST gateway, each started as
+``python -m ...`` on free ports, exactly as a user starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 90.0
+
+
+@dataclass
+class Service:
+    url: str
+    grpc_address: str
+    env: dict[str, str]
+
+
+def service_env(grpc_port: int, http_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "HOST": "127.0.0.1",
+        "PORT": str(http_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_healthy(url: str, processes: list[subprocess.Popen[bytes]], timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    logs = tmp_path_factory.mktemp("logs")
+    grpc_port, http_port = free_port(), free_port()
+    env = service_env(grpc_port, http_port)
+    core = start(["-m", "inference_server"], env, logs / "core.log")
+    gateway = start(["-m", "rest_gateway"], env, logs / "gateway.log")
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_healthy(url, [core, gateway])
+        yield Service(url=url, grpc_address=env["GRPC_ADDRESS"], env=env)
+    finally:
+        codes = (stop(gateway), stop(core))
+    # uvicorn re-raises SIGTERM after its graceful shutdown, hence -SIGTERM.
+    assert codes[0] in (0, -signal.SIGTERM) and codes[1] == 0, f"exit codes {codes}; logs in {logs}"
