@@ -37,6 +37,9 @@ class GatewaySettings(BaseSettings):
     health_timeout_s: float = Field(
         default=2.0, gt=0, description="Deadline of the health check of the core."
     )
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="Seconds open requests get to finish on shutdown."
+    )
     log_level: str = Field(default="info", description="Logging level.")
 
     @field_validator("cors_origins", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import asyncio
 from contextlib import aclosing
 
 import pytest
@@ -138,3 +139,12 @@ def test_generation_stops_within_one_token_of_a_cancellation(tokenizer: LlamaMod
     assert generation.finish_reason is FinishReason.CANCELLED
     assert generation.completion_tokens == 3
     assert generation.text == "".join(pieces)
+
+
+async def test_concurrent_requests_take_turns_and_none_is_cut_off(engine, make_engine):
+    questions = ["Name a planet.", "Name an ocean.", "Name a mountain."]
+    together = await asyncio.gather(*(engine.chat(ask(q, max_tokens=30)) for q in questions))
+    alone_engine = await make_engine()
+    alone = [await alone_engine.chat(ask(q, max_tokens=30)) for q in questions]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert all(r.finish_reason is not FinishReason.CANCELLED for r in together)

@@ -91,6 +91,12 @@ async def test_error_mid_stream_is_a_last_error_event(http, engine):
     assert events == [{"token": "Hello"}, {"token": ","}, {"error": "Generation error: the model fell over"}]
 
 
+async def test_a_failed_generation_is_500_with_the_documented_detail(http, engine):
+    engine.fail_after = 1
+    reply = await http.post("/chat", json={"message": "Hi"})
+    assert (reply.status_code, reply.json()) == (500, {"detail": "Generation error: the model fell over"})
+
+
 async def test_client_disconnect_mid_stream_cancels_generation(http, engine):
     engine.hang_after = 2
     async with http.stream("POST", "/chat/stream", json={"message": "Hi"}) as reply:
