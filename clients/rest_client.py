@@ -67,7 +67,9 @@ class LLMChatClient:
         """Send a message and return the whole reply."""
         response = self._http.post(
             "/chat",
-            json=self._payload(message, temperature=temperature, max_tokens=max_tokens, top_p=top_p),
+            json=self._payload(
+                message, temperature=temperature, max_tokens=max_tokens, top_p=top_p
+            ),
         )
         self._check(response)
         data = response.json()

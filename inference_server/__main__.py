@@ -48,7 +48,9 @@ async def serve(settings: ServerSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await core.server.start()
-    log.info("gRPC server on %s (port %d); loading %s", settings.grpc_address, core.port, model_path)
+    log.info(
+        "gRPC server on %s (port %d); loading %s", settings.grpc_address, core.port, model_path
+    )
     try:
         loading = asyncio.ensure_future(engine.load())
         stopping = asyncio.ensure_future(stop.wait())

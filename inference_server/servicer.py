@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -53,7 +53,7 @@ def unary_errors(method: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except Exception as error:  # noqa: BLE001 - mapped to a status, never lost
+        except Exception as error:
             await context.abort(*status_for(error))
 
     return wrapper  # type: ignore[return-value]
@@ -69,7 +69,7 @@ def stream_errors(method: Handler) -> Handler:
         try:
             async for message in method(self, request, context):
                 yield message
-        except Exception as error:  # noqa: BLE001 - mapped to a status, never lost
+        except Exception as error:
             await context.abort(*status_for(error))
 
     return wrapper  # type: ignore[return-value]

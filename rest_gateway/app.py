@@ -33,7 +33,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(settings.grpc_address, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(
+            settings.grpc_address, options=CHANNEL_OPTIONS
+        ) as channel:
             app.state.chat_stub = chat_pb2_grpc.ChatServiceStub(channel)
             app.state.health_stub = health_pb2_grpc.HealthStub(channel)
             yield

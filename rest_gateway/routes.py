@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
 from fastapi import APIRouter, Depends, Request
@@ -44,6 +44,11 @@ def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
     return request.app.state.health_stub
 
 
+Settings = Annotated[GatewaySettings, Depends(settings_of)]
+ChatStub = Annotated[chat_pb2_grpc.ChatServiceStub, Depends(chat_stub)]
+HealthStub = Annotated[health_pb2_grpc.HealthStub, Depends(health_stub)]
+
+
 def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
     """The gRPC request for a REST body; fields left out stay unset."""
     fields = body.model_dump(exclude_none=True)
@@ -58,7 +63,9 @@ def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
 @router.get("/", response_model=schemas.InfoResponse)
 async def info() -> schemas.InfoResponse:
     """Basic service information."""
-    return schemas.InfoResponse(service=SERVICE_NAME, version=VERSION, docs="/docs", health="/health")
+    return schemas.InfoResponse(
+        service=SERVICE_NAME, version=VERSION, docs="/docs", health="/health"
+    )
 
 
 @router.get(
@@ -67,8 +74,8 @@ async def info() -> schemas.InfoResponse:
     responses={503: {"model": schemas.HealthResponse, "description": "Model not loaded"}},
 )
 async def health(
-    stub: health_pb2_grpc.HealthStub = Depends(health_stub),
-    settings: GatewaySettings = Depends(settings_of),
+    stub: HealthStub,
+    settings: Settings,
 ) -> Any:
     """Whether the core is reachable and its model loaded (503 otherwise)."""
     try:
@@ -86,8 +93,8 @@ async def health(
 @router.post("/chat", response_model=schemas.ChatResponse, responses=ERRORS)
 async def chat(
     body: schemas.ChatRequest,
-    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
-    settings: GatewaySettings = Depends(settings_of),
+    stub: ChatStub,
+    settings: Settings,
 ) -> schemas.ChatResponse:
     """Send a message and receive the complete response."""
     reply = await stub.Chat(to_grpc(chat_pb2.ChatRequest, body), timeout=settings.grpc_deadline_s)
@@ -103,8 +110,8 @@ async def chat(
 )
 async def chat_stream(
     body: schemas.ChatRequest,
-    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
-    settings: GatewaySettings = Depends(settings_of),
+    stub: ChatStub,
+    settings: Settings,
 ) -> StreamingResponse:
     """Send a message and receive the response as Server-Sent Events."""
     call = stub.ChatStream(
@@ -128,8 +135,8 @@ async def chat_stream(
 @router.post("/chat/clear", response_model=schemas.ClearResponse, responses=ERRORS)
 async def clear(
     body: schemas.ClearRequest,
-    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
-    settings: GatewaySettings = Depends(settings_of),
+    stub: ChatStub,
+    settings: Settings,
 ) -> schemas.ClearResponse:
     """Forget a session and its history (404 if there is none)."""
     reply = await stub.Clear(to_grpc(chat_pb2.ClearRequest, body), timeout=settings.grpc_deadline_s)
@@ -138,9 +145,11 @@ async def clear(
 
 @router.get("/sessions", response_model=schemas.SessionsResponse, responses=ERRORS)
 async def sessions(
-    stub: chat_pb2_grpc.ChatServiceStub = Depends(chat_stub),
-    settings: GatewaySettings = Depends(settings_of),
+    stub: ChatStub,
+    settings: Settings,
 ) -> schemas.SessionsResponse:
     """All sessions the core keeps."""
-    reply = await stub.ListSessions(chat_pb2.ListSessionsRequest(), timeout=settings.grpc_deadline_s)
+    reply = await stub.ListSessions(
+        chat_pb2.ListSessionsRequest(), timeout=settings.grpc_deadline_s
+    )
     return schemas.SessionsResponse(sessions=list(reply.session_ids), count=len(reply.session_ids))

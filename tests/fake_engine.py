@@ -11,7 +11,14 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
-from inference_server.domain import ChatEvent, ChatRequest, ChatResult, Exchange, FinishReason, TextDelta
+from inference_server.domain import (
+    ChatEvent,
+    ChatRequest,
+    ChatResult,
+    Exchange,
+    FinishReason,
+    TextDelta,
+)
 from inference_server.engine import collect
 from inference_server.errors import ContextOverflow, EngineNotReady
 from inference_server.sessions import InMemorySessionStore

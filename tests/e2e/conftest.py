@@ -45,7 +45,9 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
-def wait_healthy(url: str, processes: list[subprocess.Popen[bytes]], timeout: float = STARTUP_TIMEOUT_S) -> None:
+def wait_healthy(
+    url: str, processes: list[subprocess.Popen[bytes]], timeout: float = STARTUP_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in processes:

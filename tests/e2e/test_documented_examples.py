@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.conftest import Service
 
 EXAMPLES = Path(__file__).parent / "documented_examples"
@@ -61,5 +59,3 @@ def test_curl_examples(service):
     assert clear == {"detail": "Session not found"}  # "your-session-id" does not exist
     assert quantum["response"]
     assert 0 < haiku["tokens_used"] <= 100
-
-

@@ -49,8 +49,14 @@ def test_readme_grpcurl_commands_work_as_printed(service: Service):
     assert json.loads(outputs["grpc.health.v1.Health/Check"]) == {"status": "SERVING"}
     chat = json.loads(outputs["llamachat.v1.ChatService/Chat"])
     assert chat["session_id"] == "demo" and chat["text"] and chat["usage"]["completion_tokens"] > 0
-    stream = [json.loads(m) for m in re.split(r"(?<=})\n(?={)", outputs["llamachat.v1.ChatService/ChatStream"].strip())]
-    assert len(stream) > 2 and stream[-1]["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+    stream = [
+        json.loads(m)
+        for m in re.split(r"(?<=})\n(?={)", outputs["llamachat.v1.ChatService/ChatStream"].strip())
+    ]
+    assert len(stream) > 2 and stream[-1]["finish_reason"] in (
+        "FINISH_REASON_STOP",
+        "FINISH_REASON_LENGTH",
+    )
     assert "demo" in json.loads(outputs["llamachat.v1.ChatService/ListSessions"])["session_ids"]
     assert json.loads(outputs["llamachat.v1.ChatService/Clear"]) == {"session_id": "demo"}
 
@@ -101,7 +107,9 @@ def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
         code = stop(service, signal.SIGINT)
     assert code == 0, (tmp_path / "api_service.log").read_text()
     for port in (env["PORT"], env["GRPC_ADDRESS"].rsplit(":", 1)[1]):
-        probe = subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True)
+        probe = subprocess.run(
+            ["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True
+        )
         assert probe.returncode != 0, f"port {port} still open"
 
 

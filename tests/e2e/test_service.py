@@ -89,7 +89,9 @@ def test_cancelled_grpc_stream_stops_and_keeps_no_half_exchange(service: Service
     with grpc.insecure_channel(service.grpc_address) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         call = stub.ChatStream(
-            chat_pb2.ChatStreamRequest(message="Write a long poem.", session_id="cut-grpc", max_tokens=400)
+            chat_pb2.ChatStreamRequest(
+                message="Write a long poem.", session_id="cut-grpc", max_tokens=400
+            )
         )
         pieces = [next(call).text for _ in range(3)]
         call.cancel()
@@ -118,7 +120,11 @@ def test_sse_disconnect_stops_generation_and_keeps_no_half_exchange(service: Ser
 
 def run_terminal_client(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "clients", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "clients", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -134,7 +140,10 @@ def test_terminal_client_streams_a_reply_and_continues_a_session(service: Servic
     listed = run_terminal_client("--url", service.url, "sessions")
     assert session in listed.stdout.split()
     cleared = run_terminal_client("--url", service.url, "clear", session)
-    assert cleared.returncode == 0 and session not in run_terminal_client("--url", service.url, "sessions").stdout
+    assert (
+        cleared.returncode == 0
+        and session not in run_terminal_client("--url", service.url, "sessions").stdout
+    )
     missing = run_terminal_client("--url", service.url, "clear", session)
     assert missing.returncode == 1 and "Session not found" in missing.stderr
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import asyncio
+import threading
 from contextlib import aclosing
 
 import pytest
@@ -19,6 +19,7 @@ from inference_server.domain import (
 from inference_server.errors import ContextOverflow
 from inference_server.llama_model import LlamaModel
 
+
 def ask(message: str, session_id: str | None = None, **sampling) -> ChatRequest:
     params = {"temperature": 0.0, "max_tokens": 40, **sampling}
     return ChatRequest(message=message, session_id=session_id, sampling=SamplingParams(**params))
@@ -28,7 +29,7 @@ def messages_of(exchanges: list[tuple[str, str]], message: str) -> list[dict[str
     messages = []
     for user, assistant in exchanges:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return messages + [{"role": "user", "content": message}]
+    return [*messages, {"role": "user", "content": message}]
 
 
 async def test_greedy_decoding_is_deterministic(engine, make_engine):
@@ -58,7 +59,9 @@ async def test_the_window_keeps_exactly_the_last_five_exchanges(engine, tokenize
     kept = [(e.user, e.assistant) for e in engine._store.history(session)]
     assert kept == said[2:]  # exchanges 3 to 7
     last = await engine.chat(ask("Which numbers did I give you?", session, max_tokens=6))
-    expected_prompt = tokenizer.tokenize_chat(messages_of(said[2:], "Which numbers did I give you?"))
+    expected_prompt = tokenizer.tokenize_chat(
+        messages_of(said[2:], "Which numbers did I give you?")
+    )
     assert last.prompt_tokens == len(expected_prompt)
 
 
@@ -72,7 +75,9 @@ async def test_the_window_is_a_setting(make_engine):
 async def test_stream_and_non_stream_give_the_same_text_at_temperature_zero(engine):
     whole = await engine.chat(ask("Tell me a fact about the moon.", max_tokens=60))
     pieces, result = [], None
-    async with aclosing(engine.chat_stream(ask("Tell me a fact about the moon.", max_tokens=60))) as events:
+    async with aclosing(
+        engine.chat_stream(ask("Tell me a fact about the moon.", max_tokens=60))
+    ) as events:
         async for event in events:
             if isinstance(event, TextDelta):
                 pieces.append(event.text)
@@ -98,8 +103,12 @@ async def test_a_reply_that_ends_by_itself_says_stop(engine):
     assert result.completion_tokens < 300
 
 
-async def test_cancelling_a_stream_keeps_no_half_exchange_and_the_engine_goes_on(engine, make_engine):
-    async with aclosing(engine.chat_stream(ask("Write a long poem.", "cut", max_tokens=200))) as events:
+async def test_cancelling_a_stream_keeps_no_half_exchange_and_the_engine_goes_on(
+    engine, make_engine
+):
+    async with aclosing(
+        engine.chat_stream(ask("Write a long poem.", "cut", max_tokens=200))
+    ) as events:
         received = [await anext(events) for _ in range(3)]
     assert all(isinstance(event, TextDelta) for event in received)
     assert await engine.list_sessions() == []
@@ -119,7 +128,9 @@ async def test_a_message_too_long_for_the_context_is_refused(make_engine):
 async def test_oldest_exchanges_leave_the_prompt_when_the_context_is_full(make_engine):
     engine = await make_engine(n_ctx=256)
     for turn in range(4):
-        result: ChatResult = await engine.chat(ask(f"Turn {turn}: " + "tell me more " * 15, "long", max_tokens=8))
+        result: ChatResult = await engine.chat(
+            ask(f"Turn {turn}: " + "tell me more " * 15, "long", max_tokens=8)
+        )
         assert result.prompt_tokens < 256
     assert len(engine._store.history("long")) == 4
 

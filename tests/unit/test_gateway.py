@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 
 from rest_gateway.settings import GatewaySettings
@@ -16,7 +15,9 @@ from tests.unit.conftest import gateway_for
 
 
 def sse_events(body: str) -> list[dict]:
-    return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
+    return [
+        json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")
+    ]
 
 
 async def test_info(http):
@@ -69,7 +70,12 @@ async def test_chat_with_a_session_continues_it(http, engine):
 async def test_sampling_fields_pass_through_and_unset_stays_unset(http, engine):
     await http.post("/chat", json={"message": "Hi", "temperature": 0, "max_tokens": 3, "seed": 7})
     sampling = engine.requests[-1].sampling
-    assert (sampling.temperature, sampling.max_tokens, sampling.seed, sampling.top_p) == (0, 3, 7, None)
+    assert (sampling.temperature, sampling.max_tokens, sampling.seed, sampling.top_p) == (
+        0,
+        3,
+        7,
+        None,
+    )
 
 
 async def test_stream_sends_token_events_then_done(http):
@@ -88,13 +94,20 @@ async def test_error_mid_stream_is_a_last_error_event(http, engine):
     reply = await http.post("/chat/stream", json={"message": "Hi"})
     assert reply.status_code == 200
     events = sse_events(reply.text)
-    assert events == [{"token": "Hello"}, {"token": ","}, {"error": "Generation error: the model fell over"}]
+    assert events == [
+        {"token": "Hello"},
+        {"token": ","},
+        {"error": "Generation error: the model fell over"},
+    ]
 
 
 async def test_a_failed_generation_is_500_with_the_documented_detail(http, engine):
     engine.fail_after = 1
     reply = await http.post("/chat", json={"message": "Hi"})
-    assert (reply.status_code, reply.json()) == (500, {"detail": "Generation error: the model fell over"})
+    assert (reply.status_code, reply.json()) == (
+        500,
+        {"detail": "Generation error: the model fell over"},
+    )
 
 
 async def test_client_disconnect_mid_stream_cancels_generation(http, engine):
@@ -151,7 +164,10 @@ async def test_text_that_is_not_valid_utf8_is_400(http):
 async def test_clear_answers_cleared_then_404_for_an_unknown_session(http):
     session_id = (await http.post("/chat", json={"message": "Hi"})).json()["session_id"]
     reply = await http.post("/chat/clear", json={"session_id": session_id})
-    assert (reply.status_code, reply.json()) == (200, {"status": "cleared", "session_id": session_id})
+    assert (reply.status_code, reply.json()) == (
+        200,
+        {"status": "cleared", "session_id": session_id},
+    )
     reply = await http.post("/chat/clear", json={"session_id": session_id})
     assert (reply.status_code, reply.json()) == (404, {"detail": "Session not found"})
     assert (await http.get("/sessions")).json() == {"sessions": [], "count": 0}
@@ -204,5 +220,3 @@ def test_settings_read_host_port_and_grpc_address_from_the_environment(monkeypat
         9000,
         "unix:///tmp/core.sock",
     )
-
-

@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from inference_server.server import create_server
@@ -148,7 +148,12 @@ async def test_reflection_describes_the_service_without_a_proto_file(channel):
     proto = descriptor_pb2.FileDescriptorProto.FromString(
         described.file_descriptor_response.file_descriptor_proto[0]
     )
-    assert {m.name for m in proto.service[0].method} == {"Chat", "ChatStream", "Clear", "ListSessions"}
+    assert {m.name for m in proto.service[0].method} == {
+        "Chat",
+        "ChatStream",
+        "Clear",
+        "ListSessions",
+    }
 
 
 def test_generated_stubs_match_the_proto():
