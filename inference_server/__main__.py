@@ -42,7 +42,7 @@ async def serve(settings: ServerSettings) -> None:
             n_batch=settings.n_batch,
         ),
     )
-    core = await create_server(settings.grpc_address, engine)
+    core = await create_server(settings.grpc_address, engine, settings.max_message_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

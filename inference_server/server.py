@@ -35,10 +35,15 @@ class CoreServer:
             await self.health.set(service, status)
 
 
-async def create_server(address: str, engine: Engine) -> CoreServer:
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+async def create_server(
+    address: str, engine: Engine, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> CoreServer:
     """Build the server on ``address`` (port 0 picks a free port). Health says
     NOT_SERVING until ``set_serving(True)``."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

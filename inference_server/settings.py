@@ -56,6 +56,12 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(
         default=512, ge=1, description="max_tokens of requests that set none."
     )
+    max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest gRPC request accepted, in bytes (RESOURCE_EXHAUSTED past it); "
+        "matches the gateway's MAX_BODY_BYTES.",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
     )

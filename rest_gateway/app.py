@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from llamachat.v1 import chat_pb2_grpc
 
+from .body_limit import BodySizeLimit
 from .errors import BadRequestForCore, handle_bad_request, handle_rpc_error
 from .routes import SERVICE_NAME, VERSION, router
 from .settings import GatewaySettings
@@ -40,7 +41,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.health_stub = health_pb2_grpc.HealthStub(channel)
             yield
 
-    app = FastAPI(title=SERVICE_NAME, version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title=SERVICE_NAME,
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.add_middleware(
         CORSMiddleware,
@@ -49,6 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
     app.add_exception_handler(BadRequestForCore, handle_bad_request)
     app.include_router(router)

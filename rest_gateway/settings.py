@@ -37,6 +37,12 @@ class GatewaySettings(BaseSettings):
     health_timeout_s: float = Field(
         default=2.0, gt=0, description="Deadline of the health check of the core."
     )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Largest request body accepted, in bytes (413 past it). Keep it at "
+        "or below the core's MAX_MESSAGE_BYTES.",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Seconds open requests get to finish on shutdown."
     )

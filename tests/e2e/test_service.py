@@ -85,6 +85,12 @@ def test_bad_input_over_grpc_is_invalid_argument(service: Service, fields, detai
     assert detail in caught.value.details()
 
 
+def test_a_body_over_one_mib_is_413_over_rest(service: Service):
+    reply = httpx.post(f"{service.url}/chat", json={"message": "x" * 2_000_000}, timeout=30)
+    assert reply.status_code == 413
+    assert "the limit is 1048576" in reply.json()["detail"]
+
+
 def test_cancelled_grpc_stream_stops_and_keeps_no_half_exchange(service: Service):
     with grpc.insecure_channel(service.grpc_address) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)

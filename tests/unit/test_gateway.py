@@ -220,3 +220,27 @@ def test_settings_read_host_port_and_grpc_address_from_the_environment(monkeypat
         9000,
         "unix:///tmp/core.sock",
     )
+
+
+async def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(core):
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", max_body_bytes=1000) as http:
+        body = json.dumps({"message": "x" * 2000}).encode()
+        declared = await http.post(
+            "/chat", content=body, headers={"Content-Type": "application/json"}
+        )
+
+        async def chunks():
+            for start in range(0, len(body), 500):
+                yield body[start : start + 500]
+
+        streamed = await http.post(
+            "/chat", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        within = await http.post("/chat", json={"message": "x" * 200})
+    assert declared.status_code == 413
+    assert declared.json() == {
+        "detail": f"Request body too large: {len(body)} bytes, the limit is 1000"
+    }
+    assert streamed.status_code == 413
+    assert "the limit is 1000" in streamed.json()["detail"]
+    assert within.status_code == 200

@@ -159,3 +159,9 @@ async def test_reflection_describes_the_service_without_a_proto_file(channel):
 def test_generated_stubs_match_the_proto():
     assert chat_pb2.DESCRIPTOR.package == "llamachat.v1"
     assert hasattr(chat_pb2_grpc, "ChatServiceStub")
+
+
+async def test_a_request_over_the_message_limit_is_resource_exhausted(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Chat(chat_pb2.ChatRequest(message="x" * (1024 * 1024 + 1)))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
