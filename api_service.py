@@ -16,12 +16,19 @@ import sys
 import time
 from pathlib import Path
 
+from rest_gateway.settings import GatewaySettings
+
 ROOT = Path(__file__).resolve().parent
 STOP_TIMEOUT_S = 30.0
 
 
 def start(module: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT)
+    """Run ``python -m module`` in the caller's working directory (so relative
+    model paths mean what the user meant), with this repository importable."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], env={**os.environ, "PYTHONPATH": path}
+    )
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -50,8 +57,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     processes = [start("inference_server", *argv[:1]), start("rest_gateway")]
-    host, port = os.environ.get("HOST", "127.0.0.1"), os.environ.get("PORT", "8002")
-    print(f"LLaMA Chat API starting on http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    gateway = GatewaySettings()
+    url = f"http://{gateway.host}:{gateway.port}"
+    print(f"LLaMA Chat API starting on {url} (Ctrl-C stops it)", flush=True)
     try:
         while not stopping and all(p.poll() is None for p in processes):
             time.sleep(0.2)

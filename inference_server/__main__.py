@@ -9,9 +9,10 @@ import sys
 from functools import partial
 
 from .engine import LlamaEngine
+from .errors import ModelLoadError
 from .llama_model import LlamaModel
 from .model_files import resolve_model_path
-from .server import create_server
+from .server import AddressInUse, create_server
 from .sessions import InMemorySessionStore
 from .settings import ServerSettings
 
@@ -51,19 +52,22 @@ async def serve(settings: ServerSettings) -> None:
     log.info(
         "gRPC server on %s (port %d); loading %s", settings.grpc_address, core.port, model_path
     )
+    loading = asyncio.ensure_future(engine.load())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        loading = asyncio.ensure_future(engine.load())
-        stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
-            loading.result()  # raises if the model failed to load
+            loading.result()  # raises ModelLoadError if the model failed to load
             await core.set_serving(True)
             log.info("model loaded; serving")
             await stopping
         log.info("shutting down")
         await core.set_serving(False)
-        await core.server.stop(settings.shutdown_grace_s)
     finally:
+        await core.server.stop(settings.shutdown_grace_s)
+        stopping.cancel()
+        # A load still running finishes first, so that its model is freed too.
+        await asyncio.gather(loading, return_exceptions=True)
         await engine.aclose()
 
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         asyncio.run(serve(settings))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ModelLoadError, AddressInUse) as error:
         log.error("%s", error)
         sys.exit(2)
 

@@ -26,12 +26,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings after defaults are applied: every value set."""
+    """Sampling settings after defaults are applied; ``seed=None`` means random."""
 
     temperature: float
     top_p: float
     max_tokens: int
-    seed: int
+    seed: int | None
 
 
 @dataclass(frozen=True)

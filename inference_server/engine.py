@@ -13,10 +13,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from functools import partial
 from typing import Protocol, TypeVar
 
 from .domain import ChatEvent, ChatRequest, ChatResult, Exchange, FinishReason, TextDelta
-from .errors import ContextOverflow, EngineNotReady
+from .errors import ContextOverflow, EngineNotReady, ModelLoadError
 from .llama_model import Generation, LlamaModel
 from .sessions import SessionStore
 from .settings import ServerSettings
@@ -64,10 +65,21 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
     raise RuntimeError("chat stream ended without a result")
 
 
-def _log_failure(future: asyncio.Future[Generation]) -> None:
-    """Retrieve the error of a generation nobody awaits any more, so it is logged once."""
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.warning("generation failed after its stream was closed: %r", error)
+def _log_outcome(session_id: str, prompt_tokens: int, future: asyncio.Future[Generation]) -> None:
+    """One log line per generation, also for those whose stream was closed early."""
+    if future.cancelled():
+        return
+    if (error := future.exception()) is not None:
+        log.error("session=%s generation failed: %r", session_id, error)
+        return
+    outcome = future.result()
+    log.info(
+        "session=%s finish=%s prompt_tokens=%d completion_tokens=%d",
+        session_id,
+        outcome.finish_reason.value,
+        prompt_tokens,
+        outcome.completion_tokens,
+    )
 
 
 class LlamaEngine:
@@ -90,20 +102,30 @@ class LlamaEngine:
         self._model: LlamaModel | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._turn = asyncio.Lock()
+        # The session whose reply is being generated, and whether it was cleared
+        # meanwhile (then the finished exchange must not bring it back).
+        self._generating_for: str | None = None
+        self._cleared_while_generating = False
 
     async def _on_worker(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def load(self) -> None:
-        """Load the model on the worker thread; the engine is ready afterwards."""
-        self._model = await self._on_worker(self._load_model)
+        """Load the model on the worker thread; the engine is ready afterwards.
+
+        Raises ``ModelLoadError`` if llama.cpp cannot load the file.
+        """
+        try:
+            self._model = await self._on_worker(self._load_model)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise ModelLoadError(f"Could not load the model: {error}") from error
 
     async def aclose(self) -> None:
-        """Free the model and stop the worker thread."""
+        """Free the model and stop the worker thread, after the work queued on it."""
         model, self._model = self._model, None
         if model is not None:
             await self._on_worker(model.close)
-        self._worker.shutdown(wait=True)
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
 
     def is_ready(self) -> bool:
         return self._model is not None
@@ -137,6 +159,7 @@ class LlamaEngine:
         sampling = resolve_sampling(request, self._settings, model.n_ctx)
         session_id = request.session_id or str(uuid.uuid4())
         async with self._turn:
+            self._generating_for, self._cleared_while_generating = session_id, False
             history = self._store.history(session_id)
             prompt = await self._on_worker(self._fit_prompt, model, history, request.message)
             loop = asyncio.get_running_loop()
@@ -151,16 +174,17 @@ class LlamaEngine:
             )
             # Runs on the loop after every piece emitted before the thread returned.
             generation.add_done_callback(lambda _: pieces.put_nowait(None))
+            generation.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
             try:
                 while (piece := await pieces.get()) is not None:
                     yield TextDelta(piece)
             finally:
                 # Closed early (client gone): stop generating within one token.
                 cancelled.set()
-                if not generation.done():
-                    generation.add_done_callback(_log_failure)
+                self._generating_for = None
             outcome: Generation = await generation
-            if outcome.finish_reason is not FinishReason.CANCELLED:
+            keep = outcome.finish_reason is not FinishReason.CANCELLED
+            if keep and not self._cleared_while_generating:
                 self._store.append(session_id, Exchange(request.message, outcome.text))
         yield ChatResult(
             session_id=session_id,
@@ -175,6 +199,8 @@ class LlamaEngine:
 
     async def clear(self, session_id: str) -> None:
         self._store.delete(session_id)
+        if session_id == self._generating_for:
+            self._cleared_while_generating = True
 
     async def list_sessions(self) -> list[str]:
         return self._store.session_ids()

@@ -35,3 +35,7 @@ class EngineNotReady(EngineError):
 
     def __init__(self) -> None:
         super().__init__("Model not loaded")
+
+
+class ModelLoadError(EngineError):
+    """The model file could not be loaded (not a GGUF file, unsupported, too big)."""

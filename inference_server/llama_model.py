@@ -66,6 +66,8 @@ class LlamaModel:
             n_batch=n_batch,
             verbose=False,
         )
+        self.n_ctx = self._llm.n_ctx()  # read once: the engine reads it from any thread
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             log.warning("%s has no chat template; using ChatML", model_path)
@@ -76,14 +78,11 @@ class LlamaModel:
             bos_token=self._token_text(self._llm.token_bos()),
             add_generation_prompt=True,
         )
-        self._vocab = self._llm._model.vocab
-
-    @property
-    def n_ctx(self) -> int:
-        return self._llm.n_ctx()
 
     def _token_text(self, token: int) -> str:
-        return self._llm._model.token_get_text(token) if token != -1 else ""
+        if token == -1:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the model's chat template to ``messages`` and tokenize the prompt."""
@@ -113,7 +112,7 @@ class LlamaModel:
         pieces: list[str] = []
         generated: list[int] = []
         finish = FinishReason.LENGTH
-        self._llm.set_seed(sampling.seed)
+        self._llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
         tokens = self._llm.generate(
             prompt,
             temp=sampling.temperature,

@@ -38,12 +38,22 @@ class CoreServer:
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 
+class AddressInUse(OSError):
+    """The gRPC address cannot be listened on."""
+
+
 async def create_server(
     address: str, engine: Engine, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> CoreServer:
     """Build the server on ``address`` (port 0 picks a free port). Health says
     NOT_SERVING until ``set_serving(True)``."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # A second server on a busy port must fail, not share the port.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -55,6 +65,10 @@ async def create_server(
         ),
         server,
     )
-    core = CoreServer(server=server, health=health_servicer, port=server.add_insecure_port(address))
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise AddressInUse(f"Cannot listen on {address}: {error}") from error
+    core = CoreServer(server=server, health=health_servicer, port=port)
     await core.set_serving(False)
     return core

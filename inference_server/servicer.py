@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -46,30 +46,14 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def unary_errors(method: Handler) -> Handler:
-    """Abort the call with ``status_for`` when a unary handler raises."""
+def maps_errors(method: Handler) -> Handler:
+    """Abort the call with ``status_for`` when a handler raises."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except Exception as error:
-            await context.abort(*status_for(error))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def stream_errors(method: Handler) -> Handler:
-    """Abort the call with ``status_for`` when a streaming handler raises."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        try:
-            async for message in method(self, request, context):
-                yield message
-        except Exception as error:
+        except Exception as error:  # every error is mapped to a status, none is lost
             await context.abort(*status_for(error))
 
     return wrapper  # type: ignore[return-value]
@@ -105,7 +89,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    @unary_errors
+    @maps_errors
     async def Chat(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatResponse:
@@ -117,31 +101,34 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             usage=usage_of(result),
         )
 
-    @stream_errors
+    @maps_errors
     async def ChatStream(
         self, request: chat_pb2.ChatStreamRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
-        # aclosing: a cancelled call closes the engine's stream at once, which
+    ) -> None:
+        # Written with context.write rather than yield, so that a cancelled call
+        # raises here and aclosing closes the engine's stream at once, which
         # stops generation within one token.
         async with aclosing(self._engine.chat_stream(to_domain(request))) as events:
             async for event in events:
                 if isinstance(event, domain.TextDelta):
-                    yield chat_pb2.ChatStreamResponse(text=event.text)
+                    await context.write(chat_pb2.ChatStreamResponse(text=event.text))
                 else:
-                    yield chat_pb2.ChatStreamResponse(
-                        session_id=event.session_id,
-                        finish_reason=FINISH_REASONS[event.finish_reason],
-                        usage=usage_of(event),
+                    await context.write(
+                        chat_pb2.ChatStreamResponse(
+                            session_id=event.session_id,
+                            finish_reason=FINISH_REASONS[event.finish_reason],
+                            usage=usage_of(event),
+                        )
                     )
 
-    @unary_errors
+    @maps_errors
     async def Clear(
         self, request: chat_pb2.ClearRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ClearResponse:
         await self._engine.clear(request.session_id)
         return chat_pb2.ClearResponse(session_id=request.session_id)
 
-    @unary_errors
+    @maps_errors
     async def ListSessions(
         self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ListSessionsResponse:

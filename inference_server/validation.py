@@ -6,8 +6,6 @@ of it) accepts and refuses exactly the same requests.
 
 from __future__ import annotations
 
-from llama_cpp import LLAMA_DEFAULT_SEED
-
 from .domain import ChatRequest, Sampling
 from .errors import InvalidRequest
 from .settings import ServerSettings
@@ -17,7 +15,7 @@ def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int)
     """The request's sampling settings with defaults filled in.
 
     Raises ``InvalidRequest`` for a blank message or a value out of range.
-    An unset seed becomes llama.cpp's "random seed" value.
+    The seed stays unset when the request sets none: a fresh random seed.
     """
     if not request.message.strip():
         raise InvalidRequest("Message cannot be empty")
@@ -36,5 +34,4 @@ def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int)
         raise InvalidRequest(
             f"max_tokens must be between 1 and the context size {n_ctx}, got {max_tokens}"
         )
-    seed = LLAMA_DEFAULT_SEED if given.seed is None else given.seed
-    return Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    return Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=given.seed)

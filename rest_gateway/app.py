@@ -7,13 +7,21 @@ from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from grpc_health.v1 import health_pb2_grpc
 
 from llamachat.v1 import chat_pb2_grpc
 
 from .body_limit import BodySizeLimit
-from .errors import BadRequestForCore, handle_bad_request, handle_rpc_error
+from .disconnect import ClientDisconnected
+from .errors import (
+    BadRequestForCore,
+    handle_bad_request,
+    handle_client_disconnected,
+    handle_rpc_error,
+    handle_validation_error,
+)
 from .routes import SERVICE_NAME, VERSION, router
 from .settings import GatewaySettings
 
@@ -58,5 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
     app.add_exception_handler(BadRequestForCore, handle_bad_request)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(ClientDisconnected, handle_client_disconnected)
     app.include_router(router)
     return app

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 # After google/rpc/code.proto.
@@ -49,3 +53,28 @@ class BadRequestForCore(ValueError):
 
 async def handle_bad_request(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": str(error)})
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """One readable line from pydantic's errors: where, and what is wrong."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"] if part != "body")
+        message = error["msg"]
+        if error["type"] == "json_invalid":
+            message = f"JSON decode error: {error.get('ctx', {}).get('error', '')}".rstrip(": ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "Invalid request body: " + "; ".join(parts)
+
+
+async def handle_validation_error(request: Request, error: Exception) -> JSONResponse:
+    """Wrong types or malformed JSON: 422 with ``{"detail": "..."}`` like every other error."""
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse(
+        status_code=422, content={"detail": describe_validation_errors(error.errors())}
+    )
+
+
+async def handle_client_disconnected(request: Request, error: Exception) -> Response:
+    """Nobody reads this answer: the client left before it (499, as nginx logs it)."""
+    return Response(status_code=499)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import schemas
+from .disconnect import unless_disconnected
 from .errors import BadRequestForCore
 from .settings import GatewaySettings
 from .sse import relay
@@ -92,12 +93,14 @@ async def health(
 
 @router.post("/chat", response_model=schemas.ChatResponse, responses=ERRORS)
 async def chat(
+    request: Request,
     body: schemas.ChatRequest,
     stub: ChatStub,
     settings: Settings,
 ) -> schemas.ChatResponse:
     """Send a message and receive the complete response."""
-    reply = await stub.Chat(to_grpc(chat_pb2.ChatRequest, body), timeout=settings.grpc_deadline_s)
+    call = stub.Chat(to_grpc(chat_pb2.ChatRequest, body), timeout=settings.grpc_deadline_s)
+    reply = await unless_disconnected(request, call, call)
     return schemas.ChatResponse(
         response=reply.text, session_id=reply.session_id, tokens_used=reply.usage.completion_tokens
     )
@@ -109,6 +112,7 @@ async def chat(
     response_class=StreamingResponse,
 )
 async def chat_stream(
+    request: Request,
     body: schemas.ChatRequest,
     stub: ChatStub,
     settings: Settings,
@@ -118,13 +122,9 @@ async def chat_stream(
         to_grpc(chat_pb2.ChatStreamRequest, body), timeout=settings.grpc_deadline_s
     )
     messages = aiter(call)
-    try:
-        # Errors found before the first piece of text (bad input, unknown
-        # model state) still get their own HTTP status, not a 200 stream.
-        first = await anext(messages)
-    except BaseException:
-        call.cancel()
-        raise
+    # Errors found before the first piece of text (bad input, model not loaded)
+    # still get their own HTTP status, not a 200 stream.
+    first = await unless_disconnected(request, call, anext(messages))
     return StreamingResponse(
         relay(first, messages, call),
         media_type="text/event-stream",

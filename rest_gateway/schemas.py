@@ -1,6 +1,7 @@
 """The documented request and response bodies, as pydantic models.
 
-They check shapes and types only (wrong types get 422). Values are checked
+They check shapes and types only (wrong types get 422; numbers are strict, so
+``true`` or ``"0.7"`` is not a number). Values are checked
 once, by the inference core, so REST and gRPC users get the same rules and
 messages (a blank message or an out-of-range value gets 400). The integer
 bounds below are the gRPC wire types' ranges.
@@ -24,20 +25,22 @@ class ChatRequest(BaseModel):
         "An id that does not exist yet creates that session.",
     )
     temperature: float | None = Field(
-        default=None, description="Sampling temperature, 0.0-2.0 (default 0.7)."
+        default=None, strict=True, description="Sampling temperature, 0.0-2.0 (default 0.7)."
     )
     max_tokens: int | None = Field(
         default=None,
+        strict=True,
         ge=-INT32_MAX - 1,
         le=INT32_MAX,
         description="Maximum number of tokens in the response, 1 to the context size "
         "(default 512).",
     )
     top_p: float | None = Field(
-        default=None, description="Nucleus sampling parameter, 0.0-1.0 (default 0.9)."
+        default=None, strict=True, description="Nucleus sampling parameter, 0.0-1.0 (default 0.9)."
     )
     seed: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=UINT32_MAX,
         description="Seed of the sampler, for reproducible sampling (default random). "

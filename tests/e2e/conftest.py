@@ -26,6 +26,15 @@ class Service:
     url: str
     grpc_address: str
     env: dict[str, str]
+    core_log: Path
+
+    def generation_logs(self, session_id: str) -> list[str]:
+        """The core's log lines about the generations for ``session_id``."""
+        return [
+            line
+            for line in self.core_log.read_text().splitlines()
+            if f"session={session_id} " in line
+        ]
 
 
 def service_env(grpc_port: int, http_port: int) -> dict[str, str]:
@@ -82,7 +91,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     url = f"http://127.0.0.1:{http_port}"
     try:
         wait_healthy(url, [core, gateway])
-        yield Service(url=url, grpc_address=env["GRPC_ADDRESS"], env=env)
+        yield Service(
+            url=url, grpc_address=env["GRPC_ADDRESS"], env=env, core_log=logs / "core.log"
+        )
     finally:
         codes = (stop(gateway), stop(core))
     # uvicorn re-raises SIGTERM after its graceful shutdown, hence -SIGTERM.

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.e2e.conftest import Service
 
 EXAMPLES = Path(__file__).parent / "documented_examples"
@@ -33,9 +35,16 @@ def test_chat_example(service):
     assert match.group(1).strip()
 
 
+def sessions(service: Service) -> set[str]:
+    return set(httpx.get(f"{service.url}/sessions").json()["sessions"])
+
+
 def test_chat_with_session_example(service):
+    before = sessions(service)
     output = run_example("chat_with_session.py", service)
     assert output.strip()
+    (new_session,) = sessions(service) - before  # both messages went to one session
+    assert len(service.generation_logs(new_session)) == 2
 
 
 def test_stream_example(service):
@@ -46,9 +55,10 @@ def test_stream_example(service):
 
 
 def test_llm_chat_client_example(service):
+    before = sessions(service)
     output = run_example("llm_chat_client.py", service)
-    assert output.strip()
-    # clear() removed its session: no session is left from it.
+    assert len(output.strip().splitlines()) >= 2  # two replies printed
+    assert sessions(service) == before  # clear() removed the session it made
 
 
 def test_curl_examples(service):

@@ -107,6 +107,15 @@ def test_cancelled_grpc_stream_stops_and_keeps_no_half_exchange(service: Service
         assert after.usage.completion_tokens <= 3
         listed = stub.ListSessions(chat_pb2.ListSessionsRequest(), timeout=5).session_ids
         assert "cut-grpc" not in listed
+    # The core stopped generating long before max_tokens.
+    assert_cancelled_early(service.generation_logs("cut-grpc"), max_tokens=400)
+
+
+def assert_cancelled_early(log_lines: list[str], max_tokens: int) -> None:
+    (log_line,) = log_lines
+    assert "finish=cancelled" in log_line
+    produced = int(log_line.rsplit("completion_tokens=", 1)[1])
+    assert 3 <= produced < max_tokens
 
 
 def test_sse_disconnect_stops_generation_and_keeps_no_half_exchange(service: Service):
@@ -122,6 +131,7 @@ def test_sse_disconnect_stops_generation_and_keeps_no_half_exchange(service: Ser
         after = http.post("/chat", json={"message": "Hi", "max_tokens": 3})
         assert after.status_code == 200
         assert "cut-sse" not in http.get("/sessions").json()["sessions"]
+    assert_cancelled_early(service.generation_logs("cut-sse"), max_tokens=400)
 
 
 def run_terminal_client(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,8 +17,8 @@ from inference_server.settings import ServerSettings
 EngineFactory = Callable[..., Awaitable[LlamaEngine]]
 
 
-def load_model(settings: ServerSettings) -> LlamaModel:
-    return LlamaModel(
+def load_model(settings: ServerSettings, model_class: type[LlamaModel] = LlamaModel) -> LlamaModel:
+    return model_class(
         str(default_model_path()),
         n_ctx=settings.n_ctx,
         n_gpu_layers=settings.n_gpu_layers,
@@ -29,15 +29,16 @@ def load_model(settings: ServerSettings) -> LlamaModel:
 
 @pytest.fixture
 async def make_engine() -> AsyncIterator[EngineFactory]:
-    """Build loaded engines with settings overrides; all are freed afterwards."""
+    """Build loaded engines with settings overrides (and optionally a subclass
+    of the real model that observes or breaks it); all are freed afterwards."""
     engines: list[LlamaEngine] = []
 
-    async def make(**overrides: Any) -> LlamaEngine:
+    async def make(model_class: type[LlamaModel] = LlamaModel, **overrides: Any) -> LlamaEngine:
         settings = ServerSettings(**overrides)
         engine = LlamaEngine(
             settings,
             InMemorySessionStore(settings.history_exchanges),
-            load_model=partial(load_model, settings),
+            load_model=partial(load_model, settings, model_class),
         )
         await engine.load()
         engines.append(engine)

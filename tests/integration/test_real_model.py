@@ -17,7 +17,7 @@ from inference_server.domain import (
     TextDelta,
 )
 from inference_server.errors import ContextOverflow
-from inference_server.llama_model import LlamaModel
+from inference_server.llama_model import Generation, LlamaModel
 
 
 def ask(message: str, session_id: str | None = None, **sampling) -> ChatRequest:
@@ -103,18 +103,69 @@ async def test_a_reply_that_ends_by_itself_says_stop(engine):
     assert result.completion_tokens < 300
 
 
-async def test_cancelling_a_stream_keeps_no_half_exchange_and_the_engine_goes_on(
-    engine, make_engine
-):
-    async with aclosing(
-        engine.chat_stream(ask("Write a long poem.", "cut", max_tokens=200))
-    ) as events:
+class RecordingModel(LlamaModel):
+    """The real model, recording what each generation ended with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.generations: list[Generation] = []
+
+    def generate(self, *args, **kwargs) -> Generation:
+        generation = super().generate(*args, **kwargs)
+        self.generations.append(generation)
+        return generation
+
+
+class FailingModel(LlamaModel):
+    """The real model, failing after it has emitted two pieces."""
+
+    def generate(self, prompt, sampling, cancelled, emit) -> Generation:
+        emitted = []
+
+        def emit_then_fail(piece: str) -> None:
+            if len(emitted) == 2:
+                raise RuntimeError("decode failed")
+            emitted.append(piece)
+            emit(piece)
+
+        return super().generate(prompt, sampling, cancelled, emit_then_fail)
+
+
+async def test_closing_a_stream_stops_the_worker_and_keeps_no_half_exchange(make_engine):
+    engine = await make_engine(RecordingModel)
+    stream = engine.chat_stream(ask("Write a long poem.", "cut", max_tokens=200))
+    async with aclosing(stream) as events:
         received = [await anext(events) for _ in range(3)]
     assert all(isinstance(event, TextDelta) for event in received)
+    after = await engine.chat(ask("What is the capital of France?"))  # queued behind it
+    cut, _ = engine._model.generations
+    assert cut.finish_reason is FinishReason.CANCELLED
+    # The worker runs ahead of the reader (tokens go out as they are made), so it
+    # may have made a few more than 3, but it stopped long before max_tokens.
+    # (Exactly one token: test_generation_stops_within_one_token_of_a_cancellation.)
+    assert 3 <= cut.completion_tokens < 200
+    assert await engine.list_sessions() == [after.session_id]
+
+
+async def test_a_failure_mid_stream_keeps_no_half_exchange_and_the_engine_goes_on(make_engine):
+    engine = await make_engine(FailingModel)
+    received = []
+    with pytest.raises(RuntimeError, match="decode failed"):
+        async for event in engine.chat_stream(ask("Write a long poem.", "broken", max_tokens=50)):
+            received.append(event)
+    assert [type(event) for event in received] == [TextDelta, TextDelta]
     assert await engine.list_sessions() == []
-    after = await engine.chat(ask("What is the capital of France?"))
-    reference = await (await make_engine()).chat(ask("What is the capital of France?"))
-    assert after.text == reference.text
+
+
+async def test_clearing_a_session_while_it_generates_is_not_undone(make_engine):
+    engine = await make_engine()
+    await engine.chat(ask("Hello!", "busy", max_tokens=5))
+    async with aclosing(engine.chat_stream(ask("Tell me more.", "busy", max_tokens=20))) as events:
+        first = await anext(events)
+        await engine.clear("busy")
+        rest = [event async for event in events]
+    assert isinstance(first, TextDelta) and isinstance(rest[-1], ChatResult)
+    assert "busy" not in await engine.list_sessions()
 
 
 async def test_a_message_too_long_for_the_context_is_refused(make_engine):
@@ -152,10 +203,13 @@ def test_generation_stops_within_one_token_of_a_cancellation(tokenizer: LlamaMod
     assert generation.text == "".join(pieces)
 
 
-async def test_concurrent_requests_take_turns_and_none_is_cut_off(engine, make_engine):
+async def test_concurrent_requests_take_turns_and_none_is_cut_off(make_engine):
+    engine = await make_engine(RecordingModel)
     questions = ["Name a planet.", "Name an ocean.", "Name a mountain."]
     together = await asyncio.gather(*(engine.chat(ask(q, max_tokens=30)) for q in questions))
     alone_engine = await make_engine()
     alone = [await alone_engine.chat(ask(q, max_tokens=30)) for q in questions]
     assert [r.text for r in together] == [r.text for r in alone]
-    assert all(r.finish_reason is not FinishReason.CANCELLED for r in together)
+    # Served one after another, in arrival order: each answer is whole.
+    served = [g.text for g in engine._model.generations]
+    assert served == [r.text for r in together]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
 from rest_gateway.settings import GatewaySettings
@@ -125,6 +126,16 @@ async def test_client_disconnect_mid_stream_cancels_generation(http, engine):
     assert engine.pieces_sent == 2
 
 
+@pytest.mark.parametrize("path", ["/chat", "/chat/stream"])
+async def test_client_leaving_before_the_first_token_cancels_generation(core, engine, path):
+    engine.hang_after = 0  # the core holds the request before any text
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}") as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(path, json={"message": "Hi"}, timeout=0.5)
+        await asyncio.wait_for(engine.cancelled.wait(), timeout=5)
+    assert engine.pieces_sent == 0
+
+
 async def test_a_call_past_the_deadline_is_504(core, engine):
     engine.hang_after = 0
     async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", grpc_deadline_s=0.3) as http:
@@ -151,7 +162,8 @@ async def test_empty_message_is_exactly_the_documented_error(http):
 async def test_malformed_body_is_422_saying_what_is_wrong(http, path, body, detail):
     reply = await http.post(path, content=body, headers={"Content-Type": "application/json"})
     assert reply.status_code == 422
-    assert detail in json.dumps(reply.json()["detail"])
+    assert isinstance(reply.json()["detail"], str)
+    assert detail in reply.json()["detail"]
 
 
 async def test_text_that_is_not_valid_utf8_is_400(http):
