@@ -25,6 +25,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Bad request: blank message, value out of range, message too long",
         404: "Session not found",
+        413: "Request body over MAX_BODY_BYTES",
+        422: "Wrong types or malformed JSON",
+        500: "Generation error",
         503: "Model not loaded, or the inference core is unreachable",
         504: "The inference core did not answer in time",
     }.items()
