@@ -59,11 +59,12 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
     """One readable line from pydantic's errors: where, and what is wrong."""
     parts = []
     for error in errors:
-        where = ".".join(str(part) for part in error["loc"] if part != "body")
-        message = error["msg"]
         if error["type"] == "json_invalid":
-            message = f"JSON decode error: {error.get('ctx', {}).get('error', '')}".rstrip(": ")
-        parts.append(f"{where}: {message}" if where else message)
+            reason = error.get("ctx", {}).get("error", "")
+            parts.append(f"JSON decode error at character {error['loc'][-1]}: {reason}")
+            continue
+        where = ".".join(str(part) for part in error["loc"] if part != "body")
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
     return "Invalid request body: " + "; ".join(parts)
 
 

@@ -238,7 +238,9 @@ async def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(core):
     async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", max_body_bytes=1000) as http:
         body = json.dumps({"message": "x" * 2000}).encode()
         declared = await http.post(
-            "/chat", content=body, headers={"Content-Type": "application/json"}
+            "/chat",
+            content=body,
+            headers={"Content-Type": "application/json", "Origin": "http://app.test"},
         )
 
         async def chunks():
@@ -253,6 +255,7 @@ async def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(core):
     assert declared.json() == {
         "detail": f"Request body too large: {len(body)} bytes, the limit is 1000"
     }
+    assert declared.headers["access-control-allow-origin"] == "*"
     assert streamed.status_code == 413
     assert "the limit is 1000" in streamed.json()["detail"]
     assert within.status_code == 200
