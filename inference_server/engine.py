@@ -30,10 +30,6 @@ T = TypeVar("T")
 class Engine(Protocol):
     """What the gRPC servicer needs from an engine."""
 
-    def is_ready(self) -> bool:
-        """True once the model is loaded and requests can be served."""
-        ...
-
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         """Yield the reply as ``TextDelta``s, then one ``ChatResult``.
 
@@ -126,9 +122,6 @@ class LlamaEngine:
         if model is not None:
             await self._on_worker(model.close)
         await asyncio.to_thread(self._worker.shutdown, wait=True)
-
-    def is_ready(self) -> bool:
-        return self._model is not None
 
     def _require_model(self) -> LlamaModel:
         if self._model is None:

@@ -44,9 +44,6 @@ class FakeEngine:
         self.store = InMemorySessionStore(window=5)
         self.settings = ServerSettings()
 
-    def is_ready(self) -> bool:
-        return self.ready
-
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         if not self.ready:
             raise EngineNotReady()

@@ -55,15 +55,20 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def wait_healthy(
-    url: str, processes: list[subprocess.Popen[bytes]], timeout: float = STARTUP_TIMEOUT_S
+    url: str,
+    processes: list[subprocess.Popen[bytes]],
+    timeout: float = STARTUP_TIMEOUT_S,
+    expected_status: int = 200,
 ) -> None:
+    """Wait until ``/health`` answers ``expected_status`` (503: the gateway is up
+    but its core is not) while every process still runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2).status_code == expected_status:
                 return
         except httpx.TransportError:
             pass

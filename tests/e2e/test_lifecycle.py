@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -67,8 +66,7 @@ def test_gateway_answers_503_while_the_core_is_down_and_recovers_by_itself(tmp_p
     gateway = start(["-m", "rest_gateway"], env, tmp_path / "gateway.log")
     core = None
     try:
-        wait_for_http(url, gateway)
-        assert httpx.get(f"{url}/health").status_code == 503
+        wait_healthy(url, [gateway], expected_status=503)
         down = httpx.post(f"{url}/chat", json={"message": "Hi"})
         assert down.status_code == 503 and down.json()["detail"]
         # The core finds its model through MODEL_PATH here.
@@ -81,17 +79,6 @@ def test_gateway_answers_503_while_the_core_is_down_and_recovers_by_itself(tmp_p
         stop(gateway)
         if core is not None:
             assert stop(core) == 0
-
-
-def wait_for_http(url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        assert process.poll() is None, f"{process.args} exited"
-        try:
-            httpx.get(f"{url}/", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
