@@ -10,7 +10,7 @@ from functools import partial
 
 from .engine import LlamaEngine
 from .errors import ModelLoadError
-from .llama_model import LlamaModel
+from .llama_runtime import LlamaRuntime
 from .model_files import resolve_model_path
 from .server import AddressInUse, create_server
 from .sessions import InMemorySessionStore
@@ -34,10 +34,11 @@ async def serve(settings: ServerSettings) -> None:
     engine = LlamaEngine(
         settings,
         InMemorySessionStore(settings.history_exchanges),
-        load_model=partial(
-            LlamaModel,
+        load_runtime=partial(
+            LlamaRuntime,
             str(model_path),
             n_ctx=settings.n_ctx,
+            n_sequences=settings.n_slots,
             n_gpu_layers=settings.n_gpu_layers,
             n_threads=settings.n_threads,
             n_batch=settings.n_batch,

@@ -59,6 +59,8 @@ class ChatResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
+    """Prompt tokens reused from the KV cache rather than evaluated again."""
 
 
 ChatEvent = TextDelta | ChatResult

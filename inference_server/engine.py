@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
-from functools import partial
-from typing import Protocol, TypeVar
+from contextlib import aclosing, asynccontextmanager
+from typing import Protocol
 
-from .domain import ChatEvent, ChatRequest, ChatResult, Exchange, FinishReason, TextDelta
-from .errors import ContextOverflow, EngineNotReady, ModelLoadError
-from .llama_model import Generation, LlamaModel
+from .domain import (
+    ChatEvent,
+    ChatRequest,
+    ChatResult,
+    Exchange,
+    FinishReason,
+    Sampling,
+    TextDelta,
+)
+from .errors import ContextOverflow, EngineNotReady, ModelLoadError, Overloaded
+from .llama_runtime import LlamaRuntime
+from .scheduler import BatchScheduler, Generation, Job
 from .sessions import SessionStore
 from .settings import ServerSettings
 from .validation import resolve_sampling
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -61,72 +66,76 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
     raise RuntimeError("chat stream ended without a result")
 
 
-def _log_outcome(session_id: str, prompt_tokens: int, future: asyncio.Future[Generation]) -> None:
-    """One log line per generation, also for those whose stream was closed early."""
-    if future.cancelled():
-        return
-    if (error := future.exception()) is not None:
-        log.error("session=%s generation failed: %r", session_id, error)
-        return
-    outcome = future.result()
-    log.info(
-        "session=%s finish=%s prompt_tokens=%d completion_tokens=%d",
-        session_id,
-        outcome.finish_reason.value,
-        prompt_tokens,
-        outcome.completion_tokens,
-    )
+class _SessionLocks:
+    """One fair ``asyncio.Lock`` per session in use: a session's turns run one
+    after another, in arrival order; different sessions run side by side."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
 
 
 class LlamaEngine:
-    """``Engine`` on one llama.cpp model.
+    """``Engine`` on one llama.cpp model, with continuous batching.
 
-    Every call into llama.cpp runs on one dedicated worker thread, off the
-    event loop. Requests take turns in arrival order (an ``asyncio.Lock`` is
-    fair): one that arrives while another generates waits, it is never cut off.
+    Requests of different sessions are generated together by a
+    ``BatchScheduler`` (``N_SLOTS`` at a time, more wait in arrival order, up
+    to ``MAX_QUEUE``; past that, ``Overloaded``). Requests of one session take
+    turns, since each turn's prompt holds the previous one's reply. Nothing of
+    llama.cpp runs on the event loop.
     """
 
     def __init__(
         self,
         settings: ServerSettings,
         store: SessionStore,
-        load_model: Callable[[], LlamaModel],
+        load_runtime: Callable[[], LlamaRuntime],
     ) -> None:
         self._settings = settings
         self._store = store
-        self._load_model = load_model
-        self._model: LlamaModel | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._turn = asyncio.Lock()
-        # The session whose reply is being generated, and whether it was cleared
-        # meanwhile (then the finished exchange must not bring it back).
-        self._generating_for: str | None = None
-        self._cleared_while_generating = False
-
-    async def _on_worker(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        self._scheduler = BatchScheduler(
+            load_runtime, saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024
+        )
+        self._runtime: LlamaRuntime | None = None
+        self._session_turn = _SessionLocks()
+        self._capacity = settings.n_slots + settings.max_queue
+        self._in_flight = 0
+        # Sessions generating now, and whether each was cleared meanwhile (then
+        # its finished exchange must not bring it back).
+        self._cleared_while_generating: dict[str, bool] = {}
 
     async def load(self) -> None:
-        """Load the model on the worker thread; the engine is ready afterwards.
+        """Load the model on the scheduler's thread; the engine is ready afterwards.
 
         Raises ``ModelLoadError`` if llama.cpp cannot load the file.
         """
         try:
-            self._model = await self._on_worker(self._load_model)
+            self._runtime = await asyncio.wrap_future(self._scheduler.start())
         except (ValueError, RuntimeError, OSError) as error:
             raise ModelLoadError(f"Could not load the model: {error}") from error
 
     async def aclose(self) -> None:
-        """Free the model and stop the worker thread, after the work queued on it."""
-        model, self._model = self._model, None
-        if model is not None:
-            await self._on_worker(model.close)
-        await asyncio.to_thread(self._worker.shutdown, wait=True)
+        """End what still runs (as cancelled), free the model, stop the thread."""
+        self._runtime = None
+        await asyncio.to_thread(self._scheduler.stop)
 
-    def _require_model(self) -> LlamaModel:
-        if self._model is None:
+    def _require_runtime(self) -> LlamaRuntime:
+        if self._runtime is None:
             raise EngineNotReady()
-        return self._model
+        return self._runtime
 
     def _messages(self, history: list[Exchange], message: str) -> list[dict[str, str]]:
         messages = []
@@ -138,53 +147,75 @@ class LlamaEngine:
         messages.append({"role": "user", "content": message})
         return messages
 
-    def _fit_prompt(self, model: LlamaModel, history: list[Exchange], message: str) -> list[int]:
+    def _fit_prompt(
+        self, runtime: LlamaRuntime, history: list[Exchange], message: str
+    ) -> list[int]:
         """Tokenize the conversation, dropping the oldest exchanges until the
         prompt leaves room for at least one generated token."""
         for start in range(len(history) + 1):
-            prompt = model.tokenize_chat(self._messages(history[start:], message))
-            if len(prompt) < model.n_ctx:
+            prompt = runtime.tokenize_chat(self._messages(history[start:], message))
+            if len(prompt) < runtime.n_ctx:
                 return prompt
-        raise ContextOverflow(len(prompt), model.n_ctx)
+        raise ContextOverflow(len(prompt), runtime.n_ctx)
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
-        model = self._require_model()
-        sampling = resolve_sampling(request, self._settings, model.n_ctx)
+        runtime = self._require_runtime()
+        sampling = resolve_sampling(request, self._settings, runtime.n_ctx)
         session_id = request.session_id or str(uuid.uuid4())
-        async with self._turn:
-            self._generating_for, self._cleared_while_generating = session_id, False
-            history = self._store.history(session_id)
-            prompt = await self._on_worker(self._fit_prompt, model, history, request.message)
-            loop = asyncio.get_running_loop()
-            pieces: asyncio.Queue[str | None] = asyncio.Queue()
-            cancelled = threading.Event()
+        if self._in_flight >= self._capacity:
+            raise Overloaded(self._capacity)
+        self._in_flight += 1
+        try:
+            async with (
+                self._session_turn.hold(session_id),
+                aclosing(self._generate(runtime, request, sampling, session_id)) as events,
+            ):
+                async for event in events:
+                    yield event
+        finally:
+            self._in_flight -= 1
 
-            def emit(piece: str) -> None:
-                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+    async def _generate(
+        self, runtime: LlamaRuntime, request: ChatRequest, sampling: Sampling, session_id: str
+    ) -> AsyncIterator[ChatEvent]:
+        history = self._store.history(session_id)
+        prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        outcome: asyncio.Future[Generation] = loop.create_future()
 
-            generation = loop.run_in_executor(
-                self._worker, model.generate, prompt, sampling, cancelled, emit
-            )
-            # Runs on the loop after every piece emitted before the thread returned.
-            generation.add_done_callback(lambda _: pieces.put_nowait(None))
-            generation.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
-            try:
-                while (piece := await pieces.get()) is not None:
-                    yield TextDelta(piece)
-            finally:
-                # Closed early (client gone): stop generating within one token.
-                cancelled.set()
-                self._generating_for = None
-            outcome: Generation = await generation
-            keep = outcome.finish_reason is not FinishReason.CANCELLED
-            if keep and not self._cleared_while_generating:
-                self._store.append(session_id, Exchange(request.message, outcome.text))
+        def on_done(result: Generation | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, outcome, result)
+            loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        job = Job(
+            session=session_id,
+            prompt=prompt,
+            sampling=sampling,
+            on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+            on_done=on_done,
+        )
+        self._cleared_while_generating[session_id] = False
+        self._scheduler.submit(job)
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield TextDelta(piece)
+        finally:
+            # Closed early (client gone): stop generating within one token.
+            job.cancelled.set()
+            self._scheduler.wake()
+            cleared = self._cleared_while_generating.pop(session_id)
+        generation = await outcome
+        _log_outcome(session_id, len(prompt), generation)
+        if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
+            self._store.append(session_id, Exchange(request.message, generation.text))
         yield ChatResult(
             session_id=session_id,
-            text=outcome.text,
-            finish_reason=outcome.finish_reason,
+            text=generation.text,
+            finish_reason=generation.finish_reason,
             prompt_tokens=len(prompt),
-            completion_tokens=outcome.completion_tokens,
+            completion_tokens=generation.completion_tokens,
+            cached_prompt_tokens=generation.cached_tokens,
         )
 
     async def chat(self, request: ChatRequest) -> ChatResult:
@@ -192,8 +223,30 @@ class LlamaEngine:
 
     async def clear(self, session_id: str) -> None:
         self._store.delete(session_id)
-        if session_id == self._generating_for:
-            self._cleared_while_generating = True
+        self._scheduler.forget_session(session_id)
+        if session_id in self._cleared_while_generating:
+            self._cleared_while_generating[session_id] = True
 
     async def list_sessions(self) -> list[str]:
         return self._store.session_ids()
+
+
+def _settle(future: asyncio.Future[Generation], result: Generation | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _log_outcome(session_id: str, prompt_tokens: int, generation: Generation) -> None:
+    """One log line per generation."""
+    log.info(
+        "session=%s finish=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
+        session_id,
+        generation.finish_reason.value,
+        prompt_tokens,
+        generation.cached_tokens,
+        generation.completion_tokens,
+    )

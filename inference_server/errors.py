@@ -30,6 +30,14 @@ class SessionNotFound(EngineError):
         self.session_id = session_id
 
 
+class Overloaded(EngineError):
+    """Every slot is busy and the waiting queue is full: try again later."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Server busy: {limit} requests are already running or waiting")
+        self.limit = limit
+
+
 class EngineNotReady(EngineError):
     """The model is still loading, or failed to load."""
 

@@ -17,7 +17,7 @@ from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import domain
 from .engine import Engine
-from .errors import EngineError, EngineNotReady, InvalidRequest, SessionNotFound
+from .errors import EngineError, EngineNotReady, InvalidRequest, Overloaded, SessionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     EngineNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 FINISH_REASONS = {
@@ -79,7 +80,9 @@ def to_domain(request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest) -> dom
 
 def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:
     return chat_pb2.Usage(
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        cached_prompt_tokens=result.cached_prompt_tokens,
     )
 
 

@@ -6,7 +6,7 @@ command-line flag (``--field-name``), and ``--help`` lists them all.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,7 +25,29 @@ class ServerSettings(BaseSettings):
         default="127.0.0.1:50051", description="Address the gRPC server listens on."
     )
     n_ctx: int = Field(
-        default=4096, ge=64, description="Context size in tokens (prompt and reply)."
+        default=4096,
+        ge=64,
+        description="Context size of each slot in tokens (a session's prompt and reply).",
+    )
+    n_slots: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Sequence slots: requests generated together in one batch, and "
+        "sessions whose KV cache is kept between turns. KV memory grows with "
+        "N_SLOTS x N_CTX.",
+    )
+    max_queue: int = Field(
+        default=32,
+        ge=0,
+        description="Requests that may wait for a slot; past it a request is refused "
+        "at once (RESOURCE_EXHAUSTED, HTTP 429).",
+    )
+    kv_cache_ram_mib: int = Field(
+        default=256,
+        ge=0,
+        description="RAM (MiB) for the KV cache of sessions whose slot was given to "
+        "another; their next turn restores it instead of evaluating the history again.",
     )
     n_gpu_layers: int = Field(
         default=-1,
@@ -37,7 +59,10 @@ class ServerSettings(BaseSettings):
         default=None, ge=1, description="CPU threads for decoding. Default: all cores."
     )
     n_batch: int = Field(
-        default=512, ge=1, description="Prompt tokens evaluated per llama.cpp batch."
+        default=512,
+        ge=1,
+        description="Tokens per llama.cpp batch: one per generating request, the rest "
+        "for prompt chunks. At least N_SLOTS.",
     )
     history_exchanges: int = Field(
         default=5,
@@ -66,3 +91,12 @@ class ServerSettings(BaseSettings):
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
     )
     log_level: str = Field(default="INFO", description="Logging level.")
+
+    @model_validator(mode="after")
+    def _batch_holds_every_slot(self) -> ServerSettings:
+        if self.n_batch < self.n_slots:
+            raise ValueError(
+                f"n_batch ({self.n_batch}) must be at least n_slots ({self.n_slots}): "
+                "each step decodes one token of every slot"
+            )
+        return self

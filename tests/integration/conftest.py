@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
 import pytest
 
 from inference_server.engine import LlamaEngine
-from inference_server.llama_model import LlamaModel
+from inference_server.llama_runtime import LlamaRuntime
 from inference_server.model_files import default_model_path
 from inference_server.sessions import InMemorySessionStore
 from inference_server.settings import ServerSettings
@@ -17,10 +17,13 @@ from inference_server.settings import ServerSettings
 EngineFactory = Callable[..., Awaitable[LlamaEngine]]
 
 
-def load_model(settings: ServerSettings, model_class: type[LlamaModel] = LlamaModel) -> LlamaModel:
-    return model_class(
+def load_runtime(
+    settings: ServerSettings, runtime_class: type[LlamaRuntime] = LlamaRuntime
+) -> LlamaRuntime:
+    return runtime_class(
         str(default_model_path()),
         n_ctx=settings.n_ctx,
+        n_sequences=settings.n_slots,
         n_gpu_layers=settings.n_gpu_layers,
         n_threads=settings.n_threads,
         n_batch=settings.n_batch,
@@ -30,15 +33,17 @@ def load_model(settings: ServerSettings, model_class: type[LlamaModel] = LlamaMo
 @pytest.fixture
 async def make_engine() -> AsyncIterator[EngineFactory]:
     """Build loaded engines with settings overrides (and optionally a subclass
-    of the real model that observes or breaks it); all are freed afterwards."""
+    of the real runtime that observes or breaks it); all are freed afterwards."""
     engines: list[LlamaEngine] = []
 
-    async def make(model_class: type[LlamaModel] = LlamaModel, **overrides: Any) -> LlamaEngine:
+    async def make(
+        runtime_class: type[LlamaRuntime] = LlamaRuntime, **overrides: Any
+    ) -> LlamaEngine:
         settings = ServerSettings(**overrides)
         engine = LlamaEngine(
             settings,
             InMemorySessionStore(settings.history_exchanges),
-            load_model=partial(load_model, settings, model_class),
+            load_runtime=partial(load_runtime, settings, runtime_class),
         )
         await engine.load()
         engines.append(engine)
@@ -55,6 +60,8 @@ async def engine(make_engine: EngineFactory) -> LlamaEngine:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> LlamaModel:
+def tokenizer() -> Iterator[LlamaRuntime]:
     """A separate copy of the model, to count the tokens a prompt should have."""
-    return load_model(ServerSettings())
+    runtime = load_runtime(ServerSettings(n_slots=1, n_ctx=256))
+    yield runtime
+    runtime.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from contextlib import aclosing
 
 import pytest
@@ -12,12 +10,13 @@ from inference_server.domain import (
     ChatRequest,
     ChatResult,
     FinishReason,
-    Sampling,
     SamplingParams,
     TextDelta,
 )
 from inference_server.errors import ContextOverflow
-from inference_server.llama_model import Generation, LlamaModel
+from inference_server.llama_runtime import LlamaRuntime
+
+from .runtimes import FailingRuntime, RecordingRuntime
 
 
 def ask(message: str, session_id: str | None = None, **sampling) -> ChatRequest:
@@ -50,7 +49,7 @@ async def test_history_changes_the_answer(engine):
     assert follow_up.text != fresh.text
 
 
-async def test_the_window_keeps_exactly_the_last_five_exchanges(engine, tokenizer: LlamaModel):
+async def test_the_window_keeps_exactly_the_last_five_exchanges(engine, tokenizer: LlamaRuntime):
     session = "window"
     said = []
     for turn in range(1, 8):
@@ -103,58 +102,36 @@ async def test_a_reply_that_ends_by_itself_says_stop(engine):
     assert result.completion_tokens < 300
 
 
-class RecordingModel(LlamaModel):
-    """The real model, recording what each generation ended with."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.generations: list[Generation] = []
-
-    def generate(self, *args, **kwargs) -> Generation:
-        generation = super().generate(*args, **kwargs)
-        self.generations.append(generation)
-        return generation
-
-
-class FailingModel(LlamaModel):
-    """The real model, failing after it has emitted two pieces."""
-
-    def generate(self, prompt, sampling, cancelled, emit) -> Generation:
-        emitted = []
-
-        def emit_then_fail(piece: str) -> None:
-            if len(emitted) == 2:
-                raise RuntimeError("decode failed")
-            emitted.append(piece)
-            emit(piece)
-
-        return super().generate(prompt, sampling, cancelled, emit_then_fail)
-
-
-async def test_closing_a_stream_stops_the_worker_and_keeps_no_half_exchange(make_engine):
-    engine = await make_engine(RecordingModel)
+async def test_closing_a_stream_stops_generation_and_keeps_no_half_exchange(make_engine):
+    engine = await make_engine(RecordingRuntime, n_slots=1)
     stream = engine.chat_stream(ask("Write a long poem.", "cut", max_tokens=200))
     async with aclosing(stream) as events:
         received = [await anext(events) for _ in range(3)]
     assert all(isinstance(event, TextDelta) for event in received)
-    after = await engine.chat(ask("What is the capital of France?"))  # queued behind it
-    cut, _ = engine._model.generations
-    assert cut.finish_reason is FinishReason.CANCELLED
-    # The worker runs ahead of the reader (tokens go out as they are made), so it
-    # may have made a few more than 3, but it stopped long before max_tokens.
-    # (Exactly one token: test_generation_stops_within_one_token_of_a_cancellation.)
-    assert 3 <= cut.completion_tokens < 200
+    after = await engine.chat(ask("What is the capital of France?"))  # needs the one slot
+    assert after.completion_tokens > 0
+    # Batches: the poem's prompt, one per generated token, then the next prompt.
+    sizes = [len(batch) for batch in engine._runtime.batches]
+    prompts = [i for i, size in enumerate(sizes) if size > 1]
+    assert len(prompts) == 2
+    # The scheduler runs ahead of the reader (tokens go out as they are made),
+    # so it may have made a few more than 3, but it stopped long before max_tokens.
+    # (Exactly at the cancelled token: test_scheduler's cancellation test.)
+    assert 3 <= prompts[1] - prompts[0] - 1 < 200
     assert await engine.list_sessions() == [after.session_id]
 
 
 async def test_a_failure_mid_stream_keeps_no_half_exchange_and_the_engine_goes_on(make_engine):
-    engine = await make_engine(FailingModel)
+    engine = await make_engine(FailingRuntime)
     received = []
     with pytest.raises(RuntimeError, match="decode failed"):
         async for event in engine.chat_stream(ask("Write a long poem.", "broken", max_tokens=50)):
             received.append(event)
     assert [type(event) for event in received] == [TextDelta, TextDelta]
     assert await engine.list_sessions() == []
+    after = await engine.chat(ask("Write a long poem.", "broken", max_tokens=5))
+    assert after.completion_tokens == 5
+    assert after.cached_prompt_tokens == 0  # the failed batch's cells were dropped
 
 
 async def test_clearing_a_session_while_it_generates_is_not_undone(make_engine):
@@ -184,32 +161,3 @@ async def test_oldest_exchanges_leave_the_prompt_when_the_context_is_full(make_e
         )
         assert result.prompt_tokens < 256
     assert len(engine._store.history("long")) == 4
-
-
-def test_generation_stops_within_one_token_of_a_cancellation(tokenizer: LlamaModel):
-    cancelled = threading.Event()
-    pieces: list[str] = []
-
-    def emit(piece: str) -> None:
-        pieces.append(piece)
-        if len(pieces) == 3:
-            cancelled.set()
-
-    prompt = tokenizer.tokenize_chat([{"role": "user", "content": "Write a long poem."}])
-    sampling = Sampling(temperature=0.0, top_p=0.9, max_tokens=200, seed=1)
-    generation = tokenizer.generate(prompt, sampling, cancelled, emit)
-    assert generation.finish_reason is FinishReason.CANCELLED
-    assert generation.completion_tokens == 3
-    assert generation.text == "".join(pieces)
-
-
-async def test_concurrent_requests_take_turns_and_none_is_cut_off(make_engine):
-    engine = await make_engine(RecordingModel)
-    questions = ["Name a planet.", "Name an ocean.", "Name a mountain."]
-    together = await asyncio.gather(*(engine.chat(ask(q, max_tokens=30)) for q in questions))
-    alone_engine = await make_engine()
-    alone = [await alone_engine.chat(ask(q, max_tokens=30)) for q in questions]
-    assert [r.text for r in together] == [r.text for r in alone]
-    # Served one after another, in arrival order: each answer is whole.
-    served = [g.text for g in engine._model.generations]
-    assert served == [r.text for r in together]

@@ -1,0 +1,236 @@
+"""llama.cpp through its C API: one model, one context with N sequences.
+
+``LlamaRuntime`` is a thin layer over llama-cpp-python's low-level bindings
+(``llama_batch_init``, ``llama_decode``, ``llama_memory_seq_rm``, per-sequence
+``llama_sampler`` chains, ``llama_state_seq_*``). It knows nothing of
+sessions, scheduling, asyncio, gRPC or HTTP.
+
+Thread rules: everything that touches the context (``decode``, ``sample``,
+``forget``, ``save_sequence``, ``restore_sequence``, ``close``) runs on one
+thread, the scheduler's. ``tokenize_chat``, ``piece`` and ``is_end_of_generation``
+only read the vocabulary and may run on any thread, as llama.cpp's own server
+tokenizes on its HTTP threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .domain import Sampling
+
+log = logging.getLogger(__name__)
+
+# Used when a GGUF file carries no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Samplers besides temperature and top_p keep llama.cpp's own defaults.
+TOP_K = 40
+MIN_P = 0.05
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        # llama.cpp logs through llama-cpp-python's logger; keep only its errors.
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One token of a batch: which sequence, at which position, and whether
+    its logits are wanted (to sample the sequence's next token)."""
+
+    token: int
+    position: int
+    sequence: int
+    wants_logits: bool
+
+
+class Sampler:
+    """A per-request llama.cpp sampler chain (temperature, top_p, seed, ...)."""
+
+    def __init__(self, sampling: Sampling) -> None:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        if sampling.temperature <= 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
+        # llama.cpp's own order: top_k, top_p, min_p, temperature, then the draw.
+        add(llama_cpp.llama_sampler_init_top_k(TOP_K))
+        add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+        add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class LlamaRuntime:
+    """A loaded GGUF model and a context of ``n_sequences`` independent
+    sequences of ``n_ctx`` tokens each (one KV stream per sequence)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_ctx: int,
+        n_sequences: int,
+        n_gpu_layers: int,
+        n_threads: int | None,
+        n_batch: int,
+    ) -> None:
+        _init_backend()
+        if not os.path.isfile(model_path):
+            raise ValueError(f"Model file not found: {model_path}")
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2**31 - 1
+        self._model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+        threads = n_threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_sequences
+        params.n_seq_max = n_sequences
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        # One KV stream per sequence: a sequence attends to its own cells only,
+        # so its arithmetic does not depend on what else is in the cache.
+        params.kv_unified = False
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ValueError(f"llama.cpp could not create a context for {model_path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        # Read once: other threads read these.
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
+        self.n_sequences = llama_cpp.llama_n_seq_max(self._ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._formatter = self._chat_formatter(model_path)
+
+    # --- vocabulary (any thread) -------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        size = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buffer = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, size + 1)
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        if token == -1:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def _chat_formatter(self, model_path: str) -> Jinja2ChatFormatter:
+        template = self._meta("tokenizer.chat_template")
+        if not template:
+            log.warning("%s has no chat template; using ChatML", model_path)
+            template = CHATML_TEMPLATE
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            add_generation_prompt=True,
+        )
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), tokens, capacity, add_bos, special
+        )
+        if count < 0:  # never more tokens than bytes + BOS, but be safe
+            capacity = -count
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), tokens, capacity, add_bos, special
+            )
+        return list(tokens[:count])
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template (in Jinja2's sandbox) and tokenize."""
+        rendered = self._formatter(messages=messages)
+        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (control tokens: none)."""
+        buffer = ctypes.create_string_buffer(256)
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 256, 0, False)
+        return buffer.raw[: max(size, 0)]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # --- context (scheduler thread only) -------------------------------------
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        """Evaluate one batch of at most ``n_batch`` tokens of any sequences."""
+        batch = self._batch
+        for i, entry in enumerate(entries):
+            batch.token[i] = entry.token
+            batch.pos[i] = entry.position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = entry.sequence
+            batch.logits[i] = entry.wants_logits
+        batch.n_tokens = len(entries)
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def sample(self, sampler: Sampler, batch_index: int) -> int:
+        """Draw (and accept) the next token from the logits of a batch entry."""
+        return llama_cpp.llama_sampler_sample(sampler._chain, self._ctx, batch_index)
+
+    def forget(self, sequence: int, from_position: int = 0) -> None:
+        """Drop a sequence's KV cells from ``from_position`` on."""
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence, from_position, -1)
+
+    def save_sequence(self, sequence: int) -> bytes:
+        """A copy of a sequence's KV cells, to restore later."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, sequence)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, sequence)
+        return bytes(buffer[:written])
+
+    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+        """Load a saved copy into an empty sequence; ``False`` if llama.cpp refuses it."""
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), sequence) > 0
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None

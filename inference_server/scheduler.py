@@ -1,0 +1,270 @@
+"""Continuous batching on one llama.cpp context, with per-session KV reuse.
+
+``BatchScheduler`` owns the ``LlamaRuntime`` and the one thread that calls
+it. Each step of its loop:
+
+1. settles what other threads asked for (new jobs, cancellations, sessions to
+   forget);
+2. admits waiting jobs, oldest first, to free sequence slots (see
+   ``slots.SlotTable`` for which slot a job gets and what it reuses);
+3. builds one batch: the next token of every generating job, then chunks of
+   the prompts still being evaluated, up to ``n_batch`` tokens in all, so a
+   long prompt never freezes the running streams for longer than one chunk;
+4. decodes it, samples each job that has logits with its own sampler chain,
+   and hands the pieces to the job's callback.
+
+It knows nothing of asyncio, gRPC or HTTP: jobs carry plain callbacks that the
+engine points at its event loop.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .domain import FinishReason, Sampling
+from .llama_runtime import BatchEntry, LlamaRuntime, Sampler
+from .slots import Slot, SlotTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one job produced."""
+
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+    cached_tokens: int
+    """Prompt tokens found in the KV cache, not evaluated again."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: a prompt for a session's sequence, and where its output goes.
+
+    ``on_piece`` gets each decoded piece of text (whole UTF-8 characters) and
+    ``on_done`` the ``Generation`` or the exception that ended it; both are
+    called on the scheduler's thread. ``cancelled`` may be set from any thread
+    (then call ``BatchScheduler.wake``): the job ends before its next token.
+    """
+
+    session: str | None
+    prompt: list[int]
+    sampling: Sampling
+    on_piece: Callable[[str], None]
+    on_done: Callable[[Generation | BaseException], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job admitted to a slot, and its progress."""
+
+    job: Job
+    slot: Slot
+    sampler: Sampler
+    unevaluated: list[int]
+    cached_tokens: int
+    budget: int
+    generated: int = 0
+    next_token: int | None = None
+    pieces: list[str] = field(default_factory=list)
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    def emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            self.job.on_piece(text)
+
+
+class BatchScheduler:
+    """Runs every job on one llama.cpp context, many sequences per batch."""
+
+    def __init__(self, load_runtime: Callable[[], LlamaRuntime], *, saved_state_bytes: int) -> None:
+        self._load_runtime = load_runtime
+        self._saved_state_bytes = saved_state_bytes
+        self._wakeup = threading.Condition()
+        self._inbox: deque[Job] = deque()
+        self._forget: deque[str] = deque()
+        self._stopping = False
+        self._loaded: Future[LlamaRuntime] = Future()
+        self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
+
+    # --- any thread ------------------------------------------------------------
+
+    def start(self) -> Future[LlamaRuntime]:
+        """Start the thread; the future resolves once the model is loaded (or failed)."""
+        self._thread.start()
+        return self._loaded
+
+    def submit(self, job: Job) -> None:
+        with self._wakeup:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            self._inbox.append(job)
+            self._wakeup.notify()
+
+    def wake(self) -> None:
+        """Have the loop look at its jobs again (after a ``cancelled.set()``)."""
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def forget_session(self, session: str) -> None:
+        """Free a session's slot and saved state (it was cleared)."""
+        with self._wakeup:
+            self._forget.append(session)
+            self._wakeup.notify()
+
+    def stop(self) -> None:
+        """End every job (as cancelled), free the model, and join the thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # --- the scheduler's thread --------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            runtime = self._load_runtime()
+        except BaseException as error:  # handed to the waiting engine
+            self._loaded.set_exception(error)
+            return
+        self._loaded.set_result(runtime)
+        slots = SlotTable(runtime, saved_state_bytes=self._saved_state_bytes)
+        waiting: deque[Job] = deque()
+        running: list[_Running] = []
+        try:
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._inbox or self._forget or running):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    waiting.extend(self._inbox)
+                    self._inbox.clear()
+                    forget = list(self._forget)
+                    self._forget.clear()
+                for session in forget:
+                    slots.forget(session)
+                self._settle_cancelled(waiting, running)
+                self._admit(runtime, slots, waiting, running)
+                if running:
+                    self._step(runtime, slots, running)
+        finally:
+            for item in running:
+                self._finish(running, item, FinishReason.CANCELLED)
+            with self._wakeup:
+                waiting.extend(self._inbox)
+                self._inbox.clear()
+            for job in waiting:
+                job.on_done(Generation("", FinishReason.CANCELLED, 0, 0))
+            runtime.close()
+
+    def _settle_cancelled(self, waiting: deque[Job], running: list[_Running]) -> None:
+        for job in [job for job in waiting if job.cancelled.is_set()]:
+            waiting.remove(job)
+            job.on_done(Generation("", FinishReason.CANCELLED, 0, 0))
+        for item in [item for item in running if item.job.cancelled.is_set()]:
+            self._finish(running, item, FinishReason.CANCELLED)
+
+    def _admit(
+        self,
+        runtime: LlamaRuntime,
+        slots: SlotTable,
+        waiting: deque[Job],
+        running: list[_Running],
+    ) -> None:
+        while waiting:
+            job = waiting[0]
+            slot = slots.acquire(job.session)
+            if slot is None:
+                return  # every slot is busy; the oldest job waits for the first to free
+            waiting.popleft()
+            cached = slots.reuse_prefix(slot, job.prompt)
+            running.append(
+                _Running(
+                    job=job,
+                    slot=slot,
+                    sampler=Sampler(job.sampling),
+                    unevaluated=job.prompt[cached:],
+                    cached_tokens=cached,
+                    budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
+                )
+            )
+
+    def _step(self, runtime: LlamaRuntime, slots: SlotTable, running: list[_Running]) -> None:
+        entries: list[BatchEntry] = []
+        sampled: list[tuple[_Running, int]] = []
+        evaluated: list[tuple[_Running, list[int]]] = []
+        generating = [item for item in running if item.next_token is not None]
+        prefilling = [item for item in running if item.next_token is None]
+        for item in generating:
+            sampled.append((item, len(entries)))
+            entries.append(
+                BatchEntry(item.next_token, len(item.slot.tokens), item.slot.sequence, True)
+            )
+            evaluated.append((item, [item.next_token]))
+        for item in prefilling:
+            room = runtime.n_batch - len(entries)
+            if room <= 0:
+                break
+            chunk, item.unevaluated = item.unevaluated[:room], item.unevaluated[room:]
+            start = len(item.slot.tokens)
+            for offset, token in enumerate(chunk):
+                last = not item.unevaluated and offset == len(chunk) - 1
+                if last:
+                    sampled.append((item, len(entries)))
+                entries.append(BatchEntry(token, start + offset, item.slot.sequence, last))
+            evaluated.append((item, chunk))
+        try:
+            runtime.decode(entries)
+        except Exception as error:  # reported to each job of the batch
+            log.error("llama_decode failed for %d jobs: %r", len(evaluated), error)
+            for item, _ in evaluated:
+                slots.invalidate(item.slot)
+                self._fail(running, item, error)
+            return
+        for item, tokens in evaluated:
+            item.slot.tokens.extend(tokens)
+        for item, index in sampled:
+            token = runtime.sample(item.sampler, index)
+            if runtime.is_end_of_generation(token):
+                self._finish(running, item, FinishReason.STOP)
+                continue
+            item.generated += 1
+            item.emit(item.decoder.decode(runtime.piece(token)))
+            item.next_token = token
+            if item.generated >= item.budget:
+                self._finish(running, item, FinishReason.LENGTH)
+
+    def _release(self, running: list[_Running], item: _Running) -> None:
+        running.remove(item)
+        item.sampler.close()
+        item.slot.busy = False
+
+    def _finish(self, running: list[_Running], item: _Running, reason: FinishReason) -> None:
+        self._release(running, item)
+        item.emit(item.decoder.decode(b"", final=True))
+        generation = Generation("".join(item.pieces), reason, item.generated, item.cached_tokens)
+        try:
+            item.job.on_done(generation)
+        except Exception:  # a callback must not stop the loop
+            log.exception("on_done callback failed")
+
+    def _fail(self, running: list[_Running], item: _Running, error: BaseException) -> None:
+        self._release(running, item)
+        try:
+            item.job.on_done(error)
+        except Exception:  # a callback must not stop the loop
+            log.exception("on_done callback failed")

@@ -1,0 +1,145 @@
+"""Which sequence slot a job gets, and what of its KV cache it can reuse.
+
+A slot is one llama.cpp sequence. A session keeps its slot between turns, so
+its next turn evaluates only the tokens its cached prefix lacks. When a job
+needs a slot and none is free, the least recently used idle slot is taken;
+its KV cells may be saved in RAM (up to a byte budget, least recently saved
+dropped first) and restored when their session comes back.
+
+Used only on the scheduler's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class SequenceMemory(Protocol):
+    """The part of ``LlamaRuntime`` that slots manage."""
+
+    n_sequences: int
+
+    def forget(self, sequence: int, from_position: int = 0) -> None: ...
+
+    def save_sequence(self, sequence: int) -> bytes: ...
+
+    def restore_sequence(self, sequence: int, state: bytes) -> bool: ...
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sequence of the context and the tokens its KV cells hold (position i
+    holds ``tokens[i]``)."""
+
+    sequence: int
+    tokens: list[int] = field(default_factory=list)
+    session: str | None = None
+    busy: bool = False
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class _SavedState:
+    tokens: list[int]
+    state: bytes
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class SlotTable:
+    """The slots of one context, and the saved states of evicted sessions."""
+
+    def __init__(self, memory: SequenceMemory, *, saved_state_bytes: int) -> None:
+        self._memory = memory
+        self.slots = [Slot(sequence) for sequence in range(memory.n_sequences)]
+        self._saved: OrderedDict[str, _SavedState] = OrderedDict()
+        self._saved_bytes = 0
+        self._budget = saved_state_bytes
+        self._clock = itertools.count(1)
+
+    @property
+    def saved_sessions(self) -> list[str]:
+        return list(self._saved)
+
+    def acquire(self, session: str | None) -> Slot | None:
+        """A slot for a job of ``session`` (``None``: none kept), marked busy;
+        ``None`` when every slot is busy."""
+        own = next((s for s in self.slots if session is not None and s.session == session), None)
+        if own is not None:
+            slot = None if own.busy else own
+        else:
+            idle = [s for s in self.slots if not s.busy]
+            # Slots no session holds first, then the least recently used.
+            slot = min(idle, key=lambda s: (s.session is not None, s.last_used), default=None)
+            if slot is not None:
+                self._evict(slot)
+                if session is not None and session in self._saved:
+                    self._restore(slot, session)
+                slot.session = session
+        if slot is not None:
+            slot.busy = True
+            slot.last_used = next(self._clock)
+        return slot
+
+    def reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
+        """Keep the cached tokens that begin ``prompt`` and drop the rest;
+        returns how many are kept. The prompt's last token is always evaluated
+        again, since its logits give the first token of the reply."""
+        kept = min(common_prefix_length(slot.tokens, prompt), len(prompt) - 1)
+        if kept < len(slot.tokens):
+            self._memory.forget(slot.sequence, kept)
+            del slot.tokens[kept:]
+        return kept
+
+    def invalidate(self, slot: Slot) -> None:
+        """Drop a slot's cells (after a failed decode their content is unknown)."""
+        self._memory.forget(slot.sequence)
+        slot.tokens.clear()
+
+    def forget(self, session: str) -> None:
+        """A session was cleared: its slot holds nothing worth keeping."""
+        if (saved := self._saved.pop(session, None)) is not None:
+            self._saved_bytes -= len(saved.state)
+        for slot in self.slots:
+            if slot.session == session:
+                slot.session = None
+                if not slot.busy:
+                    self.invalidate(slot)
+
+    def _evict(self, slot: Slot) -> None:
+        if slot.session is not None and slot.tokens and self._budget > 0:
+            self._save(slot.session, slot)
+        if slot.tokens:
+            self.invalidate(slot)
+        slot.session = None
+
+    def _save(self, session: str, slot: Slot) -> None:
+        state = self._memory.save_sequence(slot.sequence)
+        if len(state) > self._budget:
+            return
+        self._saved[session] = _SavedState(list(slot.tokens), state)
+        self._saved_bytes += len(state)
+        while self._saved_bytes > self._budget:
+            _, dropped = self._saved.popitem(last=False)
+            self._saved_bytes -= len(dropped.state)
+
+    def _restore(self, slot: Slot, session: str) -> None:
+        saved = self._saved.pop(session)
+        self._saved_bytes -= len(saved.state)
+        if self._memory.restore_sequence(slot.sequence, saved.state):
+            slot.tokens = list(saved.tokens)
+        else:
+            log.warning("llama.cpp refused the saved state of session %s", session)
+            self.invalidate(slot)

@@ -1,0 +1,43 @@
+"""Subclasses of the real runtime that observe or break it (no fakes: every
+token is still evaluated and sampled by llama.cpp)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from inference_server.llama_runtime import BatchEntry, LlamaRuntime
+
+
+class RecordingRuntime(LlamaRuntime):
+    """The real runtime, recording every batch it decodes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[BatchEntry]] = []
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        self.batches.append(list(entries))
+        super().decode(entries)
+
+    def evaluated(self, sequence: int) -> int:
+        """Tokens of one sequence evaluated so far, in all batches."""
+        return sum(entry.sequence == sequence for batch in self.batches for entry in batch)
+
+    def widest_batch(self) -> int:
+        """The most sequences that shared one batch."""
+        return max(len({entry.sequence for entry in batch}) for batch in self.batches)
+
+
+class FailingRuntime(LlamaRuntime):
+    """The real runtime, whose third decode fails (after the prompt and one
+    generated token: two pieces of a reply are out by then)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decodes = 0
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        self.decodes += 1
+        if self.decodes == 3:
+            raise RuntimeError("decode failed")
+        super().decode(entries)
