@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 from .domain import (
@@ -183,6 +184,8 @@ class LlamaEngine:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         outcome: asyncio.Future[Generation] = loop.create_future()
+        # Logged when it ends, also if the stream was closed before that.
+        outcome.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
 
         def on_done(result: Generation | BaseException) -> None:
             loop.call_soon_threadsafe(_settle, outcome, result)
@@ -206,7 +209,6 @@ class LlamaEngine:
             self._scheduler.wake()
             cleared = self._cleared_while_generating.pop(session_id)
         generation = await outcome
-        _log_outcome(session_id, len(prompt), generation)
         if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
             self._store.append(session_id, Exchange(request.message, generation.text))
         yield ChatResult(
@@ -240,8 +242,11 @@ def _settle(future: asyncio.Future[Generation], result: Generation | BaseExcepti
         future.set_result(result)
 
 
-def _log_outcome(session_id: str, prompt_tokens: int, generation: Generation) -> None:
-    """One log line per generation."""
+def _log_outcome(session_id: str, prompt_tokens: int, outcome: asyncio.Future[Generation]) -> None:
+    """One log line per generation (a failure is logged where it is reported)."""
+    if outcome.exception() is not None:
+        return
+    generation = outcome.result()
     log.info(
         "session=%s finish=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
         session_id,

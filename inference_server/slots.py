@@ -84,9 +84,11 @@ class SlotTable:
             # Slots no session holds first, then the least recently used.
             slot = min(idle, key=lambda s: (s.session is not None, s.last_used), default=None)
             if slot is not None:
+                # Taken out first, so that saving the evicted state cannot drop it.
+                saved = self._take_saved(session)
                 self._evict(slot)
-                if session is not None and session in self._saved:
-                    self._restore(slot, session)
+                if saved is not None:
+                    self._restore(slot, session, saved)
                 slot.session = session
         if slot is not None:
             slot.busy = True
@@ -110,8 +112,7 @@ class SlotTable:
 
     def forget(self, session: str) -> None:
         """A session was cleared: its slot holds nothing worth keeping."""
-        if (saved := self._saved.pop(session, None)) is not None:
-            self._saved_bytes -= len(saved.state)
+        self._take_saved(session)
         for slot in self.slots:
             if slot.session == session:
                 slot.session = None
@@ -135,9 +136,13 @@ class SlotTable:
             _, dropped = self._saved.popitem(last=False)
             self._saved_bytes -= len(dropped.state)
 
-    def _restore(self, slot: Slot, session: str) -> None:
-        saved = self._saved.pop(session)
-        self._saved_bytes -= len(saved.state)
+    def _take_saved(self, session: str | None) -> _SavedState | None:
+        saved = self._saved.pop(session, None) if session is not None else None
+        if saved is not None:
+            self._saved_bytes -= len(saved.state)
+        return saved
+
+    def _restore(self, slot: Slot, session: str | None, saved: _SavedState) -> None:
         if self._memory.restore_sequence(slot.sequence, saved.state):
             slot.tokens = list(saved.tokens)
         else:

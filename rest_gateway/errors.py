@@ -38,12 +38,17 @@ def detail_of(error: grpc.aio.AioRpcError) -> str:
     return error.details() or error.code().name
 
 
+# Seconds a client told 429 (every slot busy, the queue full) should wait.
+RETRY_AFTER_S = 1
+
+
 async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
-    """FastAPI exception handler: a failed call to the core as ``{"detail": ...}``."""
+    """FastAPI exception handler: a failed call to the core as ``{"detail": ...}``
+    (with ``Retry-After`` on a 429)."""
     assert isinstance(error, grpc.aio.AioRpcError)
-    return JSONResponse(
-        status_code=http_status_for(error.code()), content={"detail": detail_of(error)}
-    )
+    status = http_status_for(error.code())
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(status_code=status, content={"detail": detail_of(error)}, headers=headers)
 
 
 class BadRequestForCore(ValueError):

@@ -20,7 +20,7 @@ from inference_server.domain import (
     TextDelta,
 )
 from inference_server.engine import collect
-from inference_server.errors import ContextOverflow, EngineNotReady
+from inference_server.errors import ContextOverflow, EngineNotReady, Overloaded
 from inference_server.sessions import InMemorySessionStore
 from inference_server.settings import ServerSettings
 from inference_server.validation import resolve_sampling
@@ -36,6 +36,7 @@ class FakeEngine:
     def __init__(self, script: list[str] | None = None) -> None:
         self.script = script or ["Hello", ",", " world", "!"]
         self.ready = True
+        self.overloaded = False  # refuse every chat as the real engine does past MAX_QUEUE
         self.fail_after: int | None = None  # raise after this many pieces
         self.hang_after: int | None = None  # wait for cancellation after this many pieces
         self.pieces_sent = 0
@@ -47,6 +48,8 @@ class FakeEngine:
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         if not self.ready:
             raise EngineNotReady()
+        if self.overloaded:
+            raise Overloaded(limit=36)
         sampling = resolve_sampling(request, self.settings, FAKE_N_CTX)
         if len(request.message) >= FAKE_N_CTX:
             raise ContextOverflow(len(request.message), FAKE_N_CTX)

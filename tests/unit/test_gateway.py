@@ -259,3 +259,12 @@ async def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(core):
     assert streamed.status_code == 413
     assert "the limit is 1000" in streamed.json()["detail"]
     assert within.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/chat", "/chat/stream"])
+async def test_an_overloaded_core_is_429_with_retry_after(http, engine, path):
+    engine.overloaded = True
+    reply = await http.post(path, json={"message": "Hi"})
+    assert reply.status_code == 429
+    assert reply.headers["retry-after"] == "1"
+    assert reply.json() == {"detail": "Server busy: 36 requests are already running or waiting"}

@@ -160,3 +160,18 @@ async def test_a_request_over_the_message_limit_is_resource_exhausted(stub):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Chat(chat_pb2.ChatRequest(message="x" * (1024 * 1024 + 1)))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("method", ["Chat", "ChatStream"])
+async def test_an_overloaded_engine_is_resource_exhausted_at_once(stub, engine, method):
+    engine.overloaded = True
+    request = getattr(chat_pb2, f"{method}Request")(message="Hi")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        call = getattr(stub, method)(request)
+        if method == "ChatStream":
+            async for _ in call:
+                pass
+        else:
+            await call
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.details() == "Server busy: 36 requests are already running or waiting"

@@ -1,0 +1,115 @@
+"""Slot assignment and KV bookkeeping, against a recording stand-in for
+llama.cpp's sequence memory (the real one: tests/integration/test_batching.py)."""
+
+from __future__ import annotations
+
+from inference_server.slots import SlotTable, common_prefix_length
+
+
+class Memory:
+    """Records what the table asks of llama.cpp's memory."""
+
+    def __init__(self, n_sequences: int) -> None:
+        self.n_sequences = n_sequences
+        self.calls: list[tuple] = []
+
+    def forget(self, sequence: int, from_position: int = 0) -> None:
+        self.calls.append(("forget", sequence, from_position))
+
+    def save_sequence(self, sequence: int) -> bytes:
+        self.calls.append(("save", sequence))
+        return bytes(100)
+
+    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+        self.calls.append(("restore", sequence))
+        return True
+
+
+def used(table: SlotTable, session: str, tokens: list[int]):
+    """A finished turn of ``session`` that left ``tokens`` in its slot."""
+    slot = table.acquire(session)
+    slot.tokens = list(tokens)
+    slot.busy = False
+    return slot
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([], [1]) == 0
+
+
+def test_a_session_gets_its_own_slot_back():
+    table = SlotTable(Memory(2), saved_state_bytes=0)
+    a = used(table, "a", [1, 2, 3])
+    used(table, "b", [4])
+    assert table.acquire("a") is a
+
+
+def test_empty_slots_go_first_then_the_least_recently_used():
+    memory = Memory(2)
+    table = SlotTable(memory, saved_state_bytes=0)
+    a = used(table, "a", [1])
+    b = used(table, "b", [2])
+    assert a is not b
+    used(table, "a", [1, 5])  # a is now the most recently used
+    c = table.acquire("c")
+    assert c is b and c.session == "c" and c.tokens == []
+    assert ("forget", b.sequence, 0) in memory.calls
+
+
+def test_no_slot_while_all_are_busy_and_a_busy_own_slot_waits():
+    table = SlotTable(Memory(1), saved_state_bytes=0)
+    assert table.acquire("a") is not None
+    assert table.acquire("b") is None
+    assert table.acquire("a") is None
+
+
+def test_reuse_keeps_the_common_prefix_and_always_evaluates_the_last_token():
+    memory = Memory(1)
+    table = SlotTable(memory, saved_state_bytes=0)
+    slot = used(table, "a", [1, 2, 3, 4, 5])
+    table.acquire("a")
+    assert table.reuse_prefix(slot, [1, 2, 3, 9, 9]) == 3
+    assert slot.tokens == [1, 2, 3]
+    assert memory.calls[-1] == ("forget", slot.sequence, 3)
+    assert table.reuse_prefix(slot, [1, 2, 3]) == 2  # its logits start the reply
+    assert slot.tokens == [1, 2]
+
+
+def test_an_evicted_session_is_saved_then_restored_within_the_budget():
+    memory = Memory(1)
+    table = SlotTable(memory, saved_state_bytes=250)  # room for two states of 100 bytes
+    used(table, "a", [1, 2])
+    used(table, "b", [3])  # evicts a: saved
+    used(table, "c", [4])  # evicts b: saved
+    used(table, "d", [5])  # evicts c: saved, a (the oldest) dropped
+    assert table.saved_sessions == ["b", "c"]
+    slot = table.acquire("b")
+    assert slot.tokens == [3]
+    assert memory.calls[-1] == ("restore", slot.sequence)
+    assert table.saved_sessions == ["c", "d"]  # d left the slot for b
+    slot.busy = False
+    assert table.acquire("a").tokens == []  # dropped: evaluated again
+
+
+def test_no_budget_saves_nothing():
+    memory = Memory(1)
+    table = SlotTable(memory, saved_state_bytes=0)
+    used(table, "a", [1])
+    used(table, "b", [2])
+    assert table.saved_sessions == []
+    assert not any(call[0] == "save" for call in memory.calls)
+
+
+def test_forgetting_a_session_frees_its_slot_and_saved_state():
+    memory = Memory(2)
+    table = SlotTable(memory, saved_state_bytes=1000)
+    a = used(table, "a", [1, 2])
+    table.forget("a")
+    assert a.session is None and a.tokens == []
+    used(table, "b", [3])
+    used(table, "c", [4])
+    used(table, "d", [5])  # evicts the least recently used of b and c: b
+    table.forget("b")
+    assert table.saved_sessions == []
