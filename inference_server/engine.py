@@ -179,6 +179,20 @@ class LlamaEngine:
     async def _generate(
         self, runtime: LlamaRuntime, request: ChatRequest, sampling: Sampling, session_id: str
     ) -> AsyncIterator[ChatEvent]:
+        # From here on a clear of this session keeps this turn out of its history.
+        self._cleared_while_generating[session_id] = False
+        try:
+            async with aclosing(
+                self._generate_registered(runtime, request, sampling, session_id)
+            ) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._cleared_while_generating.pop(session_id, None)
+
+    async def _generate_registered(
+        self, runtime: LlamaRuntime, request: ChatRequest, sampling: Sampling, session_id: str
+    ) -> AsyncIterator[ChatEvent]:
         history = self._store.history(session_id)
         prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
         loop = asyncio.get_running_loop()
@@ -198,7 +212,6 @@ class LlamaEngine:
             on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
             on_done=on_done,
         )
-        self._cleared_while_generating[session_id] = False
         self._scheduler.submit(job)
         try:
             while (piece := await pieces.get()) is not None:
@@ -207,8 +220,8 @@ class LlamaEngine:
             # Closed early (client gone): stop generating within one token.
             job.cancelled.set()
             self._scheduler.wake()
-            cleared = self._cleared_while_generating.pop(session_id)
         generation = await outcome
+        cleared = self._cleared_while_generating[session_id]
         if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
             self._store.append(session_id, Exchange(request.message, generation.text))
         yield ChatResult(

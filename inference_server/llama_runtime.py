@@ -133,7 +133,6 @@ class LlamaRuntime:
         self.n_sequences = llama_cpp.llama_n_seq_max(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._piece_buffer = ctypes.create_string_buffer(256)
         self._formatter = self._chat_formatter(model_path)
 
     # --- vocabulary (any thread) -------------------------------------------
@@ -221,7 +220,7 @@ class LlamaRuntime:
         size = llama_cpp.llama_state_seq_get_size(self._ctx, sequence)
         buffer = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, sequence)
-        return bytes(buffer[:written])
+        return ctypes.string_at(buffer, written)
 
     def restore_sequence(self, sequence: int, state: bytes) -> bool:
         """Load a saved copy into an empty sequence; ``False`` if llama.cpp refuses it."""

@@ -26,12 +26,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .domain import FinishReason, Sampling
+from .errors import EngineNotReady
 from .llama_runtime import BatchEntry, LlamaRuntime, Sampler
 from .slots import Slot, SlotTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class _Running:
     def emit(self, text: str) -> None:
         if text:
             self.pieces.append(text)
-            self.job.on_piece(text)
+            _notify(self.job.on_piece, text)
 
 
 class BatchScheduler:
@@ -107,9 +110,10 @@ class BatchScheduler:
         return self._loaded
 
     def submit(self, job: Job) -> None:
+        """Queue a job; ``EngineNotReady`` once the scheduler is stopping."""
         with self._wakeup:
             if self._stopping:
-                raise RuntimeError("the scheduler is stopped")
+                raise EngineNotReady()
             self._inbox.append(job)
             self._wakeup.notify()
 
@@ -161,20 +165,24 @@ class BatchScheduler:
                 self._admit(runtime, slots, waiting, running)
                 if running:
                     self._step(runtime, slots, running)
+        except BaseException:
+            log.exception("the scheduler stopped on an unexpected error")
+            raise
         finally:
-            for item in running:
-                self._finish(running, item, FinishReason.CANCELLED)
             with self._wakeup:
+                self._stopping = True  # submit() refuses from now on
                 waiting.extend(self._inbox)
                 self._inbox.clear()
+            for item in list(running):
+                self._finish(running, item, FinishReason.CANCELLED)
             for job in waiting:
-                job.on_done(Generation("", FinishReason.CANCELLED, 0, 0))
+                _notify(job.on_done, Generation("", FinishReason.CANCELLED, 0, 0))
             runtime.close()
 
     def _settle_cancelled(self, waiting: deque[Job], running: list[_Running]) -> None:
         for job in [job for job in waiting if job.cancelled.is_set()]:
             waiting.remove(job)
-            job.on_done(Generation("", FinishReason.CANCELLED, 0, 0))
+            _notify(job.on_done, Generation("", FinishReason.CANCELLED, 0, 0))
         for item in [item for item in running if item.job.cancelled.is_set()]:
             self._finish(running, item, FinishReason.CANCELLED)
 
@@ -227,6 +235,14 @@ class BatchScheduler:
                     sampled.append((item, len(entries)))
                 entries.append(BatchEntry(token, start + offset, item.slot.sequence, last))
             evaluated.append((item, chunk))
+        # llama.cpp computes sequences of separate KV streams together only when
+        # they come in increasing order; keep each sequence's positions in order.
+        order = sorted(
+            range(len(entries)), key=lambda i: (entries[i].sequence, entries[i].position)
+        )
+        entries = [entries[i] for i in order]
+        index_of = {old: new for new, old in enumerate(order)}
+        sampled = [(item, index_of[index]) for item, index in sampled]
         try:
             runtime.decode(entries)
         except Exception as error:  # reported to each job of the batch
@@ -257,14 +273,16 @@ class BatchScheduler:
         self._release(running, item)
         item.emit(item.decoder.decode(b"", final=True))
         generation = Generation("".join(item.pieces), reason, item.generated, item.cached_tokens)
-        try:
-            item.job.on_done(generation)
-        except Exception:  # a callback must not stop the loop
-            log.exception("on_done callback failed")
+        _notify(item.job.on_done, generation)
 
     def _fail(self, running: list[_Running], item: _Running, error: BaseException) -> None:
         self._release(running, item)
-        try:
-            item.job.on_done(error)
-        except Exception:  # a callback must not stop the loop
-            log.exception("on_done callback failed")
+        _notify(item.job.on_done, error)
+
+
+def _notify(callback: Callable[[T], None], value: T) -> None:
+    """Call a job's callback; one that raises must not stop the loop."""
+    try:
+        callback(value)
+    except Exception:
+        log.exception("a job's callback failed")

@@ -228,3 +228,17 @@ async def test_sampling_is_per_request_in_a_shared_batch(make_engine):
     )
     assert together[0].text == alone.text
     assert together[1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+async def test_closing_the_engine_ends_streams_in_flight_and_waiting_as_cancelled(make_engine):
+    engine = await make_engine(n_slots=1)
+    running = engine.chat_stream(ask(LONG_REPLY, "running", max_tokens=400))
+    async with aclosing(running):
+        assert isinstance(await anext(running), TextDelta)
+        waiting = asyncio.ensure_future(engine.chat(ask("Name a planet.", "waiting")))
+        await asyncio.sleep(0.2)
+        await engine.aclose()
+        *_, last = [event async for event in running]
+    assert last.finish_reason is FinishReason.CANCELLED
+    assert (await waiting).finish_reason is FinishReason.CANCELLED
+    assert await engine.list_sessions() == []  # no half exchange

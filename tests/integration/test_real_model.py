@@ -117,7 +117,7 @@ async def test_closing_a_stream_stops_generation_and_keeps_no_half_exchange(make
     # The scheduler runs ahead of the reader (tokens go out as they are made),
     # so it may have made a few more than 3, but it stopped long before max_tokens.
     # (Exactly at the cancelled token: test_scheduler's cancellation test.)
-    assert 3 <= prompts[1] - prompts[0] - 1 < 200
+    assert 3 <= prompts[1] - prompts[0] - 1 < 60
     assert await engine.list_sessions() == [after.session_id]
 
 
