@@ -1,7 +1,7 @@
 """Continuous batching and KV reuse on the real model.
 
 What llama.cpp guarantees, and so what these tests compare (measured with
-llama.cpp alone by ``bench/batch_invariance.py``):
+llama.cpp alone by ``bench/llama_alone.py``, ``make bench``):
 
 - A sequence's logits do not depend on the other sequences in its batch
   (each sequence has its own KV stream): outputs alone and beside others are
