@@ -182,56 +182,47 @@ class LlamaEngine:
         # From here on a clear of this session keeps this turn out of its history.
         self._cleared_while_generating[session_id] = False
         try:
-            async with aclosing(
-                self._generate_registered(runtime, request, sampling, session_id)
-            ) as events:
-                async for event in events:
-                    yield event
+            history = self._store.history(session_id)
+            prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue[str | None] = asyncio.Queue()
+            outcome: asyncio.Future[Generation] = loop.create_future()
+            # Logged when it ends, also if the stream was closed before that.
+            outcome.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
+
+            def on_done(result: Generation | BaseException) -> None:
+                loop.call_soon_threadsafe(_settle, outcome, result)
+                loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+            job = Job(
+                session=session_id,
+                prompt=prompt,
+                sampling=sampling,
+                on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+                on_done=on_done,
+            )
+            self._scheduler.submit(job)
+            try:
+                while (piece := await pieces.get()) is not None:
+                    yield TextDelta(piece)
+            finally:
+                # Closed early (client gone): stop generating within one token.
+                job.cancelled.set()
+                self._scheduler.wake()
+            generation = await outcome
+            cleared = self._cleared_while_generating[session_id]
+            if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
+                self._store.append(session_id, Exchange(request.message, generation.text))
+            yield ChatResult(
+                session_id=session_id,
+                text=generation.text,
+                finish_reason=generation.finish_reason,
+                prompt_tokens=len(prompt),
+                completion_tokens=generation.completion_tokens,
+                cached_prompt_tokens=generation.cached_tokens,
+            )
         finally:
             self._cleared_while_generating.pop(session_id, None)
-
-    async def _generate_registered(
-        self, runtime: LlamaRuntime, request: ChatRequest, sampling: Sampling, session_id: str
-    ) -> AsyncIterator[ChatEvent]:
-        history = self._store.history(session_id)
-        prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        outcome: asyncio.Future[Generation] = loop.create_future()
-        # Logged when it ends, also if the stream was closed before that.
-        outcome.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
-
-        def on_done(result: Generation | BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, outcome, result)
-            loop.call_soon_threadsafe(pieces.put_nowait, None)
-
-        job = Job(
-            session=session_id,
-            prompt=prompt,
-            sampling=sampling,
-            on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
-            on_done=on_done,
-        )
-        self._scheduler.submit(job)
-        try:
-            while (piece := await pieces.get()) is not None:
-                yield TextDelta(piece)
-        finally:
-            # Closed early (client gone): stop generating within one token.
-            job.cancelled.set()
-            self._scheduler.wake()
-        generation = await outcome
-        cleared = self._cleared_while_generating[session_id]
-        if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
-            self._store.append(session_id, Exchange(request.message, generation.text))
-        yield ChatResult(
-            session_id=session_id,
-            text=generation.text,
-            finish_reason=generation.finish_reason,
-            prompt_tokens=len(prompt),
-            completion_tokens=generation.completion_tokens,
-            cached_prompt_tokens=generation.cached_tokens,
-        )
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
