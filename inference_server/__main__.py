@@ -6,14 +6,11 @@ import asyncio
 import logging
 import signal
 import sys
-from functools import partial
 
-from .engine import LlamaEngine
-from .errors import ModelLoadError
-from .llama_runtime import LlamaRuntime
+from .assembly import build_engine
+from .errors import ModelLoadError, SessionStoreError
 from .model_files import resolve_model_path
-from .server import AddressInUse, create_server
-from .sessions import InMemorySessionStore
+from .server import AddressInUse, TlsFiles, create_server
 from .settings import ServerSettings
 
 log = logging.getLogger("inference_server")
@@ -31,20 +28,18 @@ async def serve(settings: ServerSettings) -> None:
     """Start serving at once (health NOT_SERVING), load the model, then SERVING
     until SIGINT or SIGTERM; then drain streams in flight and free the model."""
     model_path = resolve_model_path(settings.model_path)
-    engine = LlamaEngine(
-        settings,
-        InMemorySessionStore(settings.history_exchanges),
-        load_runtime=partial(
-            LlamaRuntime,
-            str(model_path),
-            n_ctx=settings.n_ctx,
-            n_sequences=settings.n_slots,
-            n_gpu_layers=settings.n_gpu_layers,
-            n_threads=settings.n_threads,
-            n_batch=settings.n_batch,
+    engine = build_engine(settings, model_path)
+    core = await create_server(
+        settings.grpc_address,
+        engine,
+        max_message_bytes=settings.max_message_bytes,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        tls=(
+            TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key)
+            if settings.grpc_tls_cert and settings.grpc_tls_key
+            else None
         ),
     )
-    core = await create_server(settings.grpc_address, engine, settings.max_message_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         asyncio.run(serve(settings))
-    except (FileNotFoundError, ModelLoadError, AddressInUse) as error:
+    except (FileNotFoundError, ModelLoadError, AddressInUse, SessionStoreError) as error:
         log.error("%s", error)
         sys.exit(2)
 

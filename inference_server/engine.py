@@ -10,9 +10,10 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 from .domain import (
     ChatEvent,
@@ -23,7 +24,7 @@ from .domain import (
     Sampling,
     TextDelta,
 )
-from .errors import ContextOverflow, EngineNotReady, ModelLoadError, Overloaded
+from .errors import ContextOverflow, EngineNotReady, ModelLoadError, Overloaded, SessionNotFound
 from .llama_runtime import LlamaRuntime
 from .scheduler import BatchScheduler, Generation, Job
 from .sessions import SessionStore
@@ -31,6 +32,12 @@ from .settings import ServerSettings
 from .validation import resolve_sampling
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Longest wait between two looks for sessions past their TTL.
+EXPIRY_INTERVAL_S = 60.0
 
 
 class Engine(Protocol):
@@ -51,6 +58,10 @@ class Engine(Protocol):
 
     async def clear(self, session_id: str) -> None:
         """Forget a session; raises ``SessionNotFound`` if there is none."""
+        ...
+
+    async def history(self, session_id: str) -> list[Exchange]:
+        """The session's kept exchanges, oldest first; raises ``SessionNotFound``."""
         ...
 
     async def list_sessions(self) -> list[str]:
@@ -97,6 +108,11 @@ class LlamaEngine:
     to ``MAX_QUEUE``; past that, ``Overloaded``). Requests of one session take
     turns, since each turn's prompt holds the previous one's reply. Nothing of
     llama.cpp runs on the event loop.
+
+    The session store is used from one thread of its own, in the order of the
+    calls, so a clear and a finishing turn of the same session cannot cross: a
+    turn's exchange is committed (and for a durable store, on disk) before its
+    ``ChatResult`` is yielded.
     """
 
     def __init__(
@@ -107,6 +123,9 @@ class LlamaEngine:
     ) -> None:
         self._settings = settings
         self._store = store
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._expiry: asyncio.Task[None] | None = None
+        self._closed = False
         self._scheduler = BatchScheduler(
             load_runtime, saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024
         )
@@ -127,11 +146,51 @@ class LlamaEngine:
             self._runtime = await asyncio.wrap_future(self._scheduler.start())
         except (ValueError, RuntimeError, OSError) as error:
             raise ModelLoadError(f"Could not load the model: {error}") from error
+        if self._settings.session_ttl_s:
+            self._expiry = asyncio.create_task(self._expire_sessions())
 
     async def aclose(self) -> None:
-        """End what still runs (as cancelled), free the model, stop the thread."""
+        """End what still runs (as cancelled), free the model, stop the threads,
+        close the session store. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._runtime = None
+        if self._expiry is not None:
+            self._expiry.cancel()
         await asyncio.to_thread(self._scheduler.stop)
+        # After the calls already queued, so that what they commit is kept.
+        await asyncio.get_running_loop().run_in_executor(self._store_thread, self._store.close)
+        self._store_thread.shutdown()
+
+    async def _in_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``call`` on the session store's thread, after the calls before it.
+        Raises ``EngineNotReady`` once the engine is closing."""
+        if self._closed:
+            raise EngineNotReady()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, partial(call, *args, **kwargs))
+
+    def _forget_kv(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            self._scheduler.forget_session(session_id)
+
+    async def _expire_sessions(self) -> None:
+        interval = min(EXPIRY_INTERVAL_S, self._settings.session_ttl_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                expired = await self._in_store(self._store.expire)
+            except Exception:  # a failing disk must not end the expiry for good
+                log.exception("removing expired sessions failed")
+                continue
+            if expired:
+                log.info(
+                    "removed %d sessions unused for over %gs",
+                    len(expired),
+                    self._settings.session_ttl_s,
+                )
+                self._forget_kv(expired)
 
     def _require_runtime(self) -> LlamaRuntime:
         if self._runtime is None:
@@ -182,7 +241,7 @@ class LlamaEngine:
         # From here on a clear of this session keeps this turn out of its history.
         self._cleared_while_generating[session_id] = False
         try:
-            history = self._store.history(session_id)
+            history = await self._in_store(self._store.history, session_id) or []
             prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
             loop = asyncio.get_running_loop()
             pieces: asyncio.Queue[str | None] = asyncio.Queue()
@@ -210,9 +269,9 @@ class LlamaEngine:
                 job.cancelled.set()
                 self._scheduler.wake()
             generation = await outcome
-            cleared = self._cleared_while_generating[session_id]
-            if generation.finish_reason is not FinishReason.CANCELLED and not cleared:
-                self._store.append(session_id, Exchange(request.message, generation.text))
+            if generation.finish_reason is not FinishReason.CANCELLED:
+                exchange = Exchange(request.message, generation.text)
+                self._forget_kv(await self._in_store(self._commit, session_id, exchange))
             yield ChatResult(
                 session_id=session_id,
                 text=generation.text,
@@ -227,14 +286,31 @@ class LlamaEngine:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
 
-    async def clear(self, session_id: str) -> None:
+    def _commit(self, session_id: str, exchange: Exchange) -> list[str]:
+        """On the store's thread: keep a finished turn unless its session was
+        cleared meanwhile; returns the sessions evicted to make room."""
+        if self._cleared_while_generating.get(session_id):
+            return []
+        return self._store.append(session_id, exchange)
+
+    def _delete(self, session_id: str) -> None:
+        """On the store's thread: forget a session, and the turn it is generating."""
         self._store.delete(session_id)
-        self._scheduler.forget_session(session_id)
         if session_id in self._cleared_while_generating:
             self._cleared_while_generating[session_id] = True
 
+    async def clear(self, session_id: str) -> None:
+        await self._in_store(self._delete, session_id)
+        self._scheduler.forget_session(session_id)
+
+    async def history(self, session_id: str) -> list[Exchange]:
+        history = await self._in_store(self._store.history, session_id)
+        if history is None:
+            raise SessionNotFound(session_id)
+        return history
+
     async def list_sessions(self) -> list[str]:
-        return self._store.session_ids()
+        return await self._in_store(self._store.session_ids)
 
 
 def _settle(future: asyncio.Future[Generation], result: Generation | BaseException) -> None:

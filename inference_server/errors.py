@@ -38,6 +38,13 @@ class Overloaded(EngineError):
         self.limit = limit
 
 
+class SessionStoreError(EngineError):
+    """The session store failed (disk full, I/O error); nothing was saved."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Session store unavailable: {reason}")
+
+
 class EngineNotReady(EngineError):
     """The model is still loading, or failed to load."""
 

@@ -27,6 +27,17 @@ from .domain import Sampling
 
 log = logging.getLogger(__name__)
 
+
+def chat_formatter(template: str, *, eos_token: str, bos_token: str) -> Jinja2ChatFormatter:
+    """The renderer of a model's chat template. A GGUF file's template is code
+    from whoever made the file: llama-cpp-python renders it in Jinja2's
+    ``ImmutableSandboxedEnvironment``, which refuses attribute access that
+    could reach Python's internals (pinned versions: see requirements.txt)."""
+    return Jinja2ChatFormatter(
+        template=template, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=True
+    )
+
+
 # Used when a GGUF file carries no chat template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -155,11 +166,10 @@ class LlamaRuntime:
         if not template:
             log.warning("%s has no chat template; using ChatML", model_path)
             template = CHATML_TEMPLATE
-        return Jinja2ChatFormatter(
-            template=template,
+        return chat_formatter(
+            template,
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
             bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
-            add_generation_prompt=True,
         )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:

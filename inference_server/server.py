@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from .engine import Engine
+from .interceptors import ApiKeyInterceptor, MalformedRequestInterceptor
 from .servicer import ChatServicer
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -42,17 +44,41 @@ class AddressInUse(OSError):
     """The gRPC address cannot be listened on."""
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the server's certificate (chain) and private key."""
+
+    certificate: Path
+    private_key: Path
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key.read_bytes(), self.certificate.read_bytes())]
+        )
+
+
 async def create_server(
-    address: str, engine: Engine, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    address: str,
+    engine: Engine,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    api_key: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> CoreServer:
-    """Build the server on ``address`` (port 0 picks a free port). Health says
-    NOT_SERVING until ``set_serving(True)``."""
+    """Build the server on ``address`` (a host:port, port 0 picking a free one,
+    or ``unix:PATH``). Health says NOT_SERVING until ``set_serving(True)``.
+    With ``api_key``, calls other than health checks need it; with ``tls``,
+    the port speaks TLS only."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if api_key:
+        interceptors.insert(0, ApiKeyInterceptor(api_key))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # A second server on a busy port must fail, not share the port.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
@@ -66,7 +92,10 @@ async def create_server(
         server,
     )
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.credentials())
     except RuntimeError as error:
         raise AddressInUse(f"Cannot listen on {address}: {error}") from error
     core = CoreServer(server=server, health=health_servicer, port=port)

@@ -17,7 +17,14 @@ from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import domain
 from .engine import Engine
-from .errors import EngineError, EngineNotReady, InvalidRequest, Overloaded, SessionNotFound
+from .errors import (
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+    SessionNotFound,
+    SessionStoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,7 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     EngineNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionStoreError: grpc.StatusCode.UNAVAILABLE,
 }
 
 FINISH_REASONS = {
@@ -136,3 +144,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ListSessionsResponse:
         return chat_pb2.ListSessionsResponse(session_ids=await self._engine.list_sessions())
+
+    @maps_errors
+    async def GetSession(
+        self, request: chat_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetSessionResponse:
+        exchanges = await self._engine.history(request.session_id)
+        return chat_pb2.GetSessionResponse(
+            session_id=request.session_id,
+            exchanges=[chat_pb2.Exchange(user=e.user, assistant=e.assistant) for e in exchanges],
+        )

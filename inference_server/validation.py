@@ -10,15 +10,24 @@ from .domain import ChatRequest, Sampling
 from .errors import InvalidRequest
 from .settings import ServerSettings
 
+# Ids are UUIDs unless a client picks its own; this bounds what one may pick.
+MAX_SESSION_ID_CHARS = 256
+
 
 def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int) -> Sampling:
     """The request's sampling settings with defaults filled in.
 
-    Raises ``InvalidRequest`` for a blank message or a value out of range.
+    Raises ``InvalidRequest`` for a blank message, an over-long session id or
+    a value out of range (NaN included).
     The seed stays unset when the request sets none: a fresh random seed.
     """
     if not request.message.strip():
         raise InvalidRequest("Message cannot be empty")
+    if request.session_id is not None and len(request.session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequest(
+            f"session_id must be at most {MAX_SESSION_ID_CHARS} characters, "
+            f"got {len(request.session_id)}"
+        )
     given = request.sampling
     temperature = settings.default_temperature if given.temperature is None else given.temperature
     top_p = settings.default_top_p if given.top_p is None else given.top_p

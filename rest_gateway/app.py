@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from llamachat.v1 import chat_pb2_grpc
 
+from .auth import ApiKeyAuth
 from .body_limit import BodySizeLimit
 from .disconnect import ClientDisconnected
 from .errors import (
@@ -37,14 +38,20 @@ DESCRIPTION = """REST and Server-Sent Events API of a local llama.cpp chat model
 The gateway calls the gRPC inference core (`llamachat.v1.ChatService`) for every request."""
 
 
+def open_channel(settings: GatewaySettings) -> grpc.aio.Channel:
+    """The channel to the core: TLS when ``GRPC_TLS_CA`` names what to trust."""
+    if settings.grpc_tls_ca is None:
+        return grpc.aio.insecure_channel(settings.grpc_address, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=settings.grpc_tls_ca.read_bytes())
+    return grpc.aio.secure_channel(settings.grpc_address, credentials, options=CHANNEL_OPTIONS)
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     """The gateway app; its lifespan owns one gRPC channel to the core."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(
-            settings.grpc_address, options=CHANNEL_OPTIONS
-        ) as channel:
+        async with open_channel(settings) as channel:
             app.state.chat_stub = chat_pb2_grpc.ChatServiceStub(channel)
             app.state.health_stub = health_pb2_grpc.HealthStub(channel)
             yield
@@ -56,8 +63,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    # Added first, so it runs inside CORS: a 413 carries the CORS headers too.
+    # Metadata of every call to the core.
+    app.state.core_metadata = (
+        (("authorization", f"Bearer {settings.api_key.get_secret_value()}"),)
+        if settings.api_key
+        else ()
+    )
+    # The last added runs first: CORS, then the key, then the body limit, so a
+    # 401 or a 413 carries the CORS headers too, and no body is read unauthorized.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -48,7 +48,16 @@ def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
     return request.app.state.health_stub
 
 
+def call_options(request: Request) -> dict[str, Any]:
+    """Deadline and metadata (the API key) of a call to the core."""
+    return {
+        "timeout": settings_of(request).grpc_deadline_s,
+        "metadata": request.app.state.core_metadata,
+    }
+
+
 Settings = Annotated[GatewaySettings, Depends(settings_of)]
+CallOptions = Annotated[dict[str, Any], Depends(call_options)]
 ChatStub = Annotated[chat_pb2_grpc.ChatServiceStub, Depends(chat_stub)]
 HealthStub = Annotated[health_pb2_grpc.HealthStub, Depends(health_stub)]
 
@@ -99,10 +108,10 @@ async def chat(
     request: Request,
     body: schemas.ChatRequest,
     stub: ChatStub,
-    settings: Settings,
+    options: CallOptions,
 ) -> schemas.ChatResponse:
     """Send a message and receive the complete response."""
-    call = stub.Chat(to_grpc(chat_pb2.ChatRequest, body), timeout=settings.grpc_deadline_s)
+    call = stub.Chat(to_grpc(chat_pb2.ChatRequest, body), **options)
     reply = await unless_disconnected(request, call, call)
     return schemas.ChatResponse(
         response=reply.text, session_id=reply.session_id, tokens_used=reply.usage.completion_tokens
@@ -118,12 +127,10 @@ async def chat_stream(
     request: Request,
     body: schemas.ChatRequest,
     stub: ChatStub,
-    settings: Settings,
+    options: CallOptions,
 ) -> StreamingResponse:
     """Send a message and receive the response as Server-Sent Events."""
-    call = stub.ChatStream(
-        to_grpc(chat_pb2.ChatStreamRequest, body), timeout=settings.grpc_deadline_s
-    )
+    call = stub.ChatStream(to_grpc(chat_pb2.ChatStreamRequest, body), **options)
     messages = aiter(call)
     # Errors found before the first piece of text (bad input, model not loaded)
     # still get their own HTTP status, not a 200 stream.
@@ -139,20 +146,35 @@ async def chat_stream(
 async def clear(
     body: schemas.ClearRequest,
     stub: ChatStub,
-    settings: Settings,
+    options: CallOptions,
 ) -> schemas.ClearResponse:
     """Forget a session and its history (404 if there is none)."""
-    reply = await stub.Clear(to_grpc(chat_pb2.ClearRequest, body), timeout=settings.grpc_deadline_s)
+    reply = await stub.Clear(to_grpc(chat_pb2.ClearRequest, body), **options)
     return schemas.ClearResponse(status="cleared", session_id=reply.session_id)
 
 
 @router.get("/sessions", response_model=schemas.SessionsResponse, responses=ERRORS)
 async def sessions(
     stub: ChatStub,
-    settings: Settings,
+    options: CallOptions,
 ) -> schemas.SessionsResponse:
     """All sessions the core keeps."""
-    reply = await stub.ListSessions(
-        chat_pb2.ListSessionsRequest(), timeout=settings.grpc_deadline_s
-    )
+    reply = await stub.ListSessions(chat_pb2.ListSessionsRequest(), **options)
     return schemas.SessionsResponse(sessions=list(reply.session_ids), count=len(reply.session_ids))
+
+
+@router.get("/sessions/{session_id}", response_model=schemas.SessionResponse, responses=ERRORS)
+async def session(
+    session_id: str,
+    stub: ChatStub,
+    options: CallOptions,
+) -> schemas.SessionResponse:
+    """The history a session keeps (404 if there is none). An extension to the
+    documented API."""
+    reply = await stub.GetSession(chat_pb2.GetSessionRequest(session_id=session_id), **options)
+    return schemas.SessionResponse(
+        session_id=reply.session_id,
+        exchanges=[
+            schemas.ExchangeItem(user=e.user, assistant=e.assistant) for e in reply.exchanges
+        ],
+    )

@@ -68,6 +68,18 @@ class SessionsResponse(BaseModel):
     count: int
 
 
+class ExchangeItem(BaseModel):
+    user: str = Field(description="The user's message.")
+    assistant: str = Field(description="The reply to it.")
+
+
+class SessionResponse(BaseModel):
+    session_id: str
+    exchanges: list[ExchangeItem] = Field(
+        description="The exchanges the session keeps as its history, oldest first."
+    )
+
+
 class HealthResponse(BaseModel):
     status: str
     model_loaded: bool

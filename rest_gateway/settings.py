@@ -6,9 +6,10 @@ command-line flag (``--field-name``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -22,7 +23,19 @@ class GatewaySettings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(default=8002, ge=0, le=65535, description="HTTP port.")
     grpc_address: str = Field(
-        default="127.0.0.1:50051", description="Address of the gRPC inference core."
+        default="127.0.0.1:50051",
+        description="Address of the gRPC inference core: HOST:PORT, or unix:PATH.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, every endpoint but /, /health and the docs needs "
+        "'Authorization: Bearer <API_KEY>' or 'X-API-Key: <API_KEY>' (401 otherwise); "
+        "the gateway sends the same key to the core.",
+    )
+    grpc_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM certificate(s) to trust for a core that speaks TLS "
+        "(its GRPC_TLS_CERT when self-signed); unset: plaintext.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=["*"],

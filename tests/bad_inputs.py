@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def json_body(fields: dict[str, Any]) -> str:
+    """``fields`` as JSON, with NaN and Infinity written as Python's parser reads
+    them (httpx's ``json=`` refuses to send them)."""
+    return json.dumps(fields)
 
 
 def bad_chat_inputs(n_ctx: int) -> list[tuple[dict[str, Any], str]]:
@@ -18,6 +27,11 @@ def bad_chat_inputs(n_ctx: int) -> list[tuple[dict[str, Any], str]]:
         ({"message": "hi", "max_tokens": -3}, "max_tokens must be between 1"),
         ({"message": "hi", "max_tokens": n_ctx + 1}, "max_tokens must be between 1"),
         ({"message": "word " * (2 * n_ctx)}, "Message is too long for the context"),
+        ({"message": "hi", "session_id": "s" * 257}, "session_id must be at most 256"),
+        ({"message": "hi", "temperature": float("nan")}, "temperature must be between 0 and 2"),
+        ({"message": "hi", "temperature": float("inf")}, "temperature must be between 0 and 2"),
+        ({"message": "hi", "top_p": float("nan")}, "top_p must be between 0 and 1"),
+        ({"message": "hi", "max_tokens": 2**31 - 1}, "max_tokens must be between 1"),
     ]
 
 
@@ -35,4 +49,29 @@ MALFORMED_REST_BODIES: list[tuple[str, str]] = [
     ('["hi"]', "valid dictionary"),
     ('{"message": "hi",', "JSON decode error"),
     ("not json at all", "JSON decode error"),
+    ('{"message": "hi", "seed": -1}', "greater than or equal to 0"),
+    ('{"message": "hi", "seed": 4294967296}', "less than or equal"),
+    ('{"message": "hi", "top_p": "0.9"}', "top_p: Input should be a valid number"),
+    ('{"message": ["hi"]}', "valid string"),
+    ('{"message": {"text": "hi"}}', "valid string"),
+    ("null", "valid dictionary"),
+]
+
+# Bodies that parse as JSON of the right shape but are still wrong: 400.
+BAD_REST_BODIES: list[tuple[str, str]] = [
+    ('{"message": "hi", "temperature": 1e999}', "temperature must be between 0 and 2"),
+    ('{"message": "\\ud800"}', "surrogates not allowed"),
+    ('{"message": ' + "[" * 5000 + "]" * 5000 + "}", "error parsing the body"),
+]
+
+# Requests to the wrong place, or of the wrong kind: (method, path, JSON body,
+# the status they must get).
+MISDIRECTED_REST_REQUESTS: list[tuple[str, str, object, int]] = [
+    ("GET", "/chat", None, 405),
+    ("DELETE", "/sessions", None, 405),
+    ("POST", "/nowhere", {"message": "hi"}, 404),
+    ("POST", "/chat/clear", {}, 422),
+    ("POST", "/chat/clear", {"session_id": 3}, 422),
+    ("POST", "/chat/clear", {"session_id": "no-such-session"}, 404),
+    ("GET", "/sessions/no-such-session", None, 404),
 ]

@@ -20,8 +20,8 @@ from inference_server.domain import (
     TextDelta,
 )
 from inference_server.engine import collect
-from inference_server.errors import ContextOverflow, EngineNotReady, Overloaded
-from inference_server.sessions import InMemorySessionStore
+from inference_server.errors import ContextOverflow, EngineNotReady, Overloaded, SessionNotFound
+from inference_server.sessions import InMemorySessionStore, Retention
 from inference_server.settings import ServerSettings
 from inference_server.validation import resolve_sampling
 
@@ -42,7 +42,7 @@ class FakeEngine:
         self.pieces_sent = 0
         self.cancelled = asyncio.Event()
         self.requests: list[ChatRequest] = []
-        self.store = InMemorySessionStore(window=5)
+        self.store = InMemorySessionStore(Retention(window=5, max_sessions=100, ttl_s=0))
         self.settings = ServerSettings()
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
@@ -78,6 +78,12 @@ class FakeEngine:
 
     async def clear(self, session_id: str) -> None:
         self.store.delete(session_id)
+
+    async def history(self, session_id: str) -> list[Exchange]:
+        history = self.store.history(session_id)
+        if history is None:
+            raise SessionNotFound(session_id)
+        return history
 
     async def list_sessions(self) -> list[str]:
         return self.store.session_ids()

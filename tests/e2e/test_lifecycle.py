@@ -61,7 +61,7 @@ def test_readme_grpcurl_commands_work_as_printed(service: Service):
 
 
 def test_gateway_answers_503_while_the_core_is_down_and_recovers_by_itself(tmp_path):
-    env = service_env(free_port(), free_port())
+    env = service_env(free_port(), free_port(), tmp_path)
     url = f"http://127.0.0.1:{env['PORT']}"
     gateway = start(["-m", "rest_gateway"], env, tmp_path / "gateway.log")
     core = None
@@ -82,7 +82,7 @@ def test_gateway_answers_503_while_the_core_is_down_and_recovers_by_itself(tmp_p
 
 
 def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
-    env = service_env(free_port(), free_port())
+    env = service_env(free_port(), free_port(), tmp_path)
     url = f"http://127.0.0.1:{env['PORT']}"
     model = str(default_model_path())
     service = start(["api_service.py", model], env, tmp_path / "api_service.log")
@@ -101,7 +101,7 @@ def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
 
 
 def test_the_core_refuses_a_model_file_that_does_not_exist(tmp_path):
-    env = service_env(free_port(), free_port())
+    env = service_env(free_port(), free_port(), tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "inference_server", str(tmp_path / "missing.gguf")],
         cwd=ROOT,

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import GrpcChatClient, LLMChatClient, SessionNotFoundError
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.bad_inputs import bad_chat_inputs
+from tests.bad_inputs import JSON_HEADERS, bad_chat_inputs, json_body
 from tests.e2e.conftest import ROOT, Service
 
 N_CTX = 4096  # the core's default context size
@@ -70,7 +70,9 @@ def test_grpc_health_is_serving(service: Service):
 
 @pytest.mark.parametrize(("fields", "detail"), bad_chat_inputs(N_CTX))
 def test_bad_input_over_rest_is_400(service: Service, fields, detail):
-    reply = httpx.post(f"{service.url}/chat", json=fields, timeout=30)
+    reply = httpx.post(
+        f"{service.url}/chat", content=json_body(fields), headers=JSON_HEADERS, timeout=30
+    )
     assert reply.status_code == 400
     assert detail in reply.json()["detail"]
 

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from functools import partial
 from typing import Any
 
 import pytest
 
+from inference_server.assembly import build_engine, load_runtime
 from inference_server.engine import LlamaEngine
 from inference_server.llama_runtime import LlamaRuntime
 from inference_server.model_files import default_model_path
-from inference_server.sessions import InMemorySessionStore
 from inference_server.settings import ServerSettings
 
 EngineFactory = Callable[..., Awaitable[LlamaEngine]]
-
-
-def load_runtime(
-    settings: ServerSettings, runtime_class: type[LlamaRuntime] = LlamaRuntime
-) -> LlamaRuntime:
-    return runtime_class(
-        str(default_model_path()),
-        n_ctx=settings.n_ctx,
-        n_sequences=settings.n_slots,
-        n_gpu_layers=settings.n_gpu_layers,
-        n_threads=settings.n_threads,
-        n_batch=settings.n_batch,
-    )
 
 
 @pytest.fixture
@@ -39,12 +25,8 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
     async def make(
         runtime_class: type[LlamaRuntime] = LlamaRuntime, **overrides: Any
     ) -> LlamaEngine:
-        settings = ServerSettings(**overrides)
-        engine = LlamaEngine(
-            settings,
-            InMemorySessionStore(settings.history_exchanges),
-            load_runtime=partial(load_runtime, settings, runtime_class),
-        )
+        settings = ServerSettings(**{"session_db": ":memory:", **overrides})
+        engine = build_engine(settings, default_model_path(), runtime_class)
         await engine.load()
         engines.append(engine)
         return engine
@@ -62,6 +44,6 @@ async def engine(make_engine: EngineFactory) -> LlamaEngine:
 @pytest.fixture(scope="module")
 def tokenizer() -> Iterator[LlamaRuntime]:
     """A separate copy of the model, to count the tokens a prompt should have."""
-    runtime = load_runtime(ServerSettings(n_slots=1, n_ctx=256))
+    runtime = load_runtime(ServerSettings(n_slots=1, n_ctx=256), default_model_path())
     yield runtime
     runtime.close()

@@ -28,8 +28,9 @@ from inference_server.domain import (
     SamplingParams,
     TextDelta,
 )
-from inference_server.errors import Overloaded
+from inference_server.errors import EngineNotReady, Overloaded
 from inference_server.llama_runtime import BatchEntry, LlamaRuntime, Sampler
+from inference_server.sessions import Retention, SqliteSessionStore
 
 from .runtimes import RecordingRuntime
 
@@ -230,8 +231,10 @@ async def test_sampling_is_per_request_in_a_shared_batch(make_engine):
     assert together[1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
 
 
-async def test_closing_the_engine_ends_streams_in_flight_and_waiting_as_cancelled(make_engine):
-    engine = await make_engine(n_slots=1)
+async def test_closing_the_engine_ends_streams_in_flight_and_waiting_as_cancelled(
+    make_engine, tmp_path
+):
+    engine = await make_engine(n_slots=1, session_db=str(tmp_path / "sessions.db"))
     running = engine.chat_stream(ask(LONG_REPLY, "running", max_tokens=400))
     async with aclosing(running):
         assert isinstance(await anext(running), TextDelta)
@@ -241,4 +244,7 @@ async def test_closing_the_engine_ends_streams_in_flight_and_waiting_as_cancelle
         *_, last = [event async for event in running]
     assert last.finish_reason is FinishReason.CANCELLED
     assert (await waiting).finish_reason is FinishReason.CANCELLED
-    assert await engine.list_sessions() == []  # no half exchange
+    with pytest.raises(EngineNotReady):
+        await engine.list_sessions()  # closed
+    reopened = SqliteSessionStore(tmp_path / "sessions.db", Retention(5, 10, 0))
+    assert reopened.session_ids() == []  # no half exchange

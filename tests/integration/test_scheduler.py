@@ -9,11 +9,12 @@ from functools import partial
 
 import pytest
 
+from inference_server.assembly import load_runtime
 from inference_server.domain import FinishReason, Sampling
+from inference_server.model_files import default_model_path
 from inference_server.scheduler import BatchScheduler, Generation, Job
 from inference_server.settings import ServerSettings
 
-from .conftest import load_runtime
 from .runtimes import RecordingRuntime
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=200, seed=None)
@@ -23,7 +24,7 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=200, seed=None)
 def scheduler() -> Iterator[BatchScheduler]:
     settings = ServerSettings(n_slots=2, n_batch=16)
     scheduler = BatchScheduler(
-        partial(load_runtime, settings, RecordingRuntime), saved_state_bytes=0
+        partial(load_runtime, settings, default_model_path(), RecordingRuntime), saved_state_bytes=0
     )
     scheduler.start().result()
     yield scheduler
@@ -77,3 +78,4 @@ def test_a_prompt_being_evaluated_stops_at_the_next_chunk(scheduler):
     assert generation.completion_tokens == 0
     assert len(runtime.batches) == 1  # one chunk of a prompt of 300+ tokens
     assert len(prompt) > 300
+

@@ -9,7 +9,13 @@ import httpx
 import pytest
 
 from rest_gateway.settings import GatewaySettings
-from tests.bad_inputs import MALFORMED_REST_BODIES, bad_chat_inputs
+from tests.bad_inputs import (
+    BAD_REST_BODIES,
+    JSON_HEADERS,
+    MALFORMED_REST_BODIES,
+    bad_chat_inputs,
+    json_body,
+)
 from tests.fake_engine import FAKE_N_CTX
 from tests.helpers import free_port
 from tests.unit.conftest import gateway_for
@@ -147,7 +153,7 @@ async def test_a_call_past_the_deadline_is_504(core, engine):
 @pytest.mark.parametrize("path", ["/chat", "/chat/stream"])
 @pytest.mark.parametrize(("fields", "detail"), bad_chat_inputs(FAKE_N_CTX))
 async def test_bad_input_is_400_with_a_detail(http, path, fields, detail):
-    reply = await http.post(path, json=fields)
+    reply = await http.post(path, content=json_body(fields), headers=JSON_HEADERS)
     assert reply.status_code == 400
     assert detail in reply.json()["detail"]
 
@@ -166,11 +172,12 @@ async def test_malformed_body_is_422_saying_what_is_wrong(http, path, body, deta
     assert detail in reply.json()["detail"]
 
 
-async def test_text_that_is_not_valid_utf8_is_400(http):
-    body = '{"message": "bad \\ud800 surrogate"}'
-    reply = await http.post("/chat", content=body, headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("path", ["/chat", "/chat/stream"])
+@pytest.mark.parametrize(("body", "detail"), BAD_REST_BODIES)
+async def test_json_that_parses_but_cannot_be_served_is_400(http, path, body, detail):
+    reply = await http.post(path, content=body, headers=JSON_HEADERS)
     assert reply.status_code == 400
-    assert "surrogates not allowed" in reply.json()["detail"]
+    assert detail in reply.json()["detail"]
 
 
 async def test_clear_answers_cleared_then_404_for_an_unknown_session(http):

@@ -153,6 +153,7 @@ async def test_reflection_describes_the_service_without_a_proto_file(channel):
         "ChatStream",
         "Clear",
         "ListSessions",
+        "GetSession",
     }
 
 

@@ -1,0 +1,50 @@
+"""Builds the engine from the settings: the one place that wires the model,
+the session store and the engine together (``__main__`` and the tests use it)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from .engine import LlamaEngine
+from .llama_runtime import LlamaRuntime
+from .sessions import Retention, SessionStore, open_session_store
+from .settings import ServerSettings
+
+
+def load_runtime(
+    settings: ServerSettings, model_path: Path, runtime_class: type[LlamaRuntime] = LlamaRuntime
+) -> LlamaRuntime:
+    """Load the model into one context with a sequence per slot (slow: seconds)."""
+    return runtime_class(
+        str(model_path),
+        n_ctx=settings.n_ctx,
+        n_sequences=settings.n_slots,
+        n_gpu_layers=settings.n_gpu_layers,
+        n_threads=settings.n_threads,
+        n_batch=settings.n_batch,
+    )
+
+
+def open_store(settings: ServerSettings) -> SessionStore:
+    """The session store ``SESSION_DB`` names, with the retention settings."""
+    retention = Retention(
+        window=settings.history_exchanges,
+        max_sessions=settings.max_sessions,
+        ttl_s=settings.session_ttl_s,
+    )
+    return open_session_store(settings.session_db, retention)
+
+
+def build_engine(
+    settings: ServerSettings,
+    model_path: Path,
+    runtime_class: type[LlamaRuntime] = LlamaRuntime,
+    store: SessionStore | None = None,
+) -> LlamaEngine:
+    """An engine whose ``load()`` loads ``model_path`` (the store opens at once)."""
+    return LlamaEngine(
+        settings,
+        store if store is not None else open_store(settings),
+        load_runtime=partial(load_runtime, settings, model_path, runtime_class),
+    )
