@@ -151,7 +151,9 @@ class BatchScheduler:
         try:
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._inbox or self._forget or running):
+                    # Waiting jobs count too: when every running job ended in
+                    # the last step, the next ones are admitted without a wakeup.
+                    while not (self._stopping or self._inbox or self._forget or running or waiting):
                         self._wakeup.wait()
                     if self._stopping:
                         break

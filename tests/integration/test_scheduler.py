@@ -79,3 +79,24 @@ def test_a_prompt_being_evaluated_stops_at_the_next_chunk(scheduler):
     assert len(runtime.batches) == 1  # one chunk of a prompt of 300+ tokens
     assert len(prompt) > 300
 
+
+def test_jobs_waiting_when_every_running_job_ends_in_one_step_are_served():
+    # 2 slots, 8 one-token jobs whose prompts fit in one batch: the running
+    # pair ends in the same step while others wait, and those must be admitted
+    # without any further submit or wakeup.
+    settings = ServerSettings(n_slots=2, n_batch=512)
+    scheduler = BatchScheduler(
+        partial(load_runtime, settings, default_model_path(), RecordingRuntime), saved_state_bytes=0
+    )
+    runtime = scheduler.start().result()
+    try:
+        prompt = runtime.tokenize_chat([{"role": "user", "content": "Hi"}])
+        one_token = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, seed=None)
+        done: list[Future[Generation]] = [Future() for _ in range(8)]
+        for future in done:
+            scheduler.submit(Job(None, prompt, one_token, lambda piece: None, future.set_result))
+        generations = [future.result(timeout=60) for future in done]
+    finally:
+        scheduler.stop()
+    assert [g.completion_tokens for g in generations] == [1] * 8
+    assert max(len(batch) for batch in runtime.batches) == 2 * len(prompt)  # ended together
