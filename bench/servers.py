@@ -45,15 +45,37 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a running process in MiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # the kernel writes kB
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 @dataclass(frozen=True)
 class Service:
     url: str
     grpc_address: str
+    core_pid: int = 0
+    gateway_pid: int = 0
+
+    def rss_mib(self) -> dict[str, float]:
+        """Resident memory (MiB) of the core and the gateway now."""
+        return {"core": rss_mib(self.core_pid), "gateway": rss_mib(self.gateway_pid)}
 
 
 @contextlib.contextmanager
-def our_service(model: Path, *, threads: int, slots: int, n_ctx: int) -> Iterator[Service]:
-    """The gRPC core and the REST gateway, as ``make run`` starts them."""
+def our_service(
+    model: Path,
+    *,
+    threads: int,
+    slots: int,
+    n_ctx: int,
+    env: dict[str, str] | None = None,
+) -> Iterator[Service]:
+    """The gRPC core and the REST gateway, as ``make run`` starts them; ``env``
+    adds to (or overrides) the environment both get."""
     grpc_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -65,13 +87,16 @@ def our_service(model: Path, *, threads: int, slots: int, n_ctx: int) -> Iterato
         "N_CTX": str(n_ctx),
         "PORT": str(http_port),
         "LOG_LEVEL": "WARNING",
+        # Benchmarks leave no sessions behind unless a caller asks for a file.
+        "SESSION_DB": ":memory:",
+        **(env or {}),
     }
     core = subprocess.Popen([sys.executable, "-m", "inference_server"], env=env, cwd=REPO)
     gateway = subprocess.Popen([sys.executable, "-m", "rest_gateway"], env=env, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{http_port}"
         wait_healthy(f"{url}/health", gateway)
-        yield Service(url, f"127.0.0.1:{grpc_port}")
+        yield Service(url, f"127.0.0.1:{grpc_port}", core.pid, gateway.pid)
     finally:
         stop(gateway)
         stop(core)
