@@ -1,8 +1,7 @@
 """Reliability with real processes on the real model: kill -9 and restart, 100
 streams of which 10 drop, 2x overload, bad input on both protocols, SIGTERM
-drain, and the API key. (A core restarted under a running gateway:
-test_lifecycle.py; a dropped SSE or gRPC stream stopping generation:
-test_service.py.)"""
+drain, a core restarted under a running gateway, and the API key. (A dropped
+SSE or gRPC stream stopping generation: test_service.py.)"""
 
 from __future__ import annotations
 
@@ -317,6 +316,33 @@ def test_sigterm_drains_a_stream_in_flight_then_both_exit_0(tmp_path):
         assert service.wait(timeout=30) == 0, (tmp_path / "api_service.log").read_text()
     finally:
         stop(service)
+
+
+def test_a_core_restarted_under_a_running_gateway_is_used_again_without_a_gateway_restart(
+    tmp_path,
+):
+    env = service_env(free_port(), free_port(), tmp_path)
+    service = start_both(env, tmp_path, "first")
+    body = {"message": "Hi", "max_tokens": 3}
+    try:
+        session = chat(service.url, **body)["session_id"]
+        service.core.kill()
+        service.core.wait()
+        wait_healthy(service.url, [service.gateway], expected_status=503)
+        down = httpx.post(f"{service.url}/chat", json=body, timeout=30)
+        assert down.status_code == 503 and down.json()["detail"]
+        core = start(["-m", "inference_server"], env, tmp_path / "second-core.log")
+        try:
+            wait_healthy(service.url, [service.gateway, core])
+            again = chat(service.url, "Hello again", session_id=session, max_tokens=3)
+            assert again["session_id"] == session
+            assert len(snapshot(service.url)[session]) == 2  # the first exchange survived
+        finally:
+            assert stop(core) == 0
+    finally:
+        assert stop(service.gateway) == 0
+        if service.core.poll() is None:
+            service.core.kill()
 
 
 def test_api_key_guards_both_protocols_but_not_health(tmp_path):
