@@ -40,11 +40,10 @@ def build_engine(
     settings: ServerSettings,
     model_path: Path,
     runtime_class: type[LlamaRuntime] = LlamaRuntime,
-    store: SessionStore | None = None,
 ) -> LlamaEngine:
     """An engine whose ``load()`` loads ``model_path`` (the store opens at once)."""
     return LlamaEngine(
         settings,
-        store if store is not None else open_store(settings),
+        open_store(settings),
         load_runtime=partial(load_runtime, settings, model_path, runtime_class),
     )

@@ -158,11 +158,12 @@ class SqliteSessionStore:
             raise SessionStoreError(f"cannot open {path}: {error}") from error
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; SQLite's errors (disk full, I/O error) become
-        ``SessionStoreError`` after the rollback, so nothing half done is kept."""
+    def _transaction(self, *, writes: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction (one that only reads takes no write lock); SQLite's
+        errors (disk full, I/O error) become ``SessionStoreError`` after the
+        rollback, so nothing half done is kept."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE" if writes else "BEGIN DEFERRED")
             try:
                 yield self._db
             except BaseException:
@@ -173,7 +174,7 @@ class SqliteSessionStore:
             raise SessionStoreError(str(error)) from error
 
     def history(self, session_id: str) -> list[Exchange] | None:
-        with self._transaction() as db:
+        with self._transaction(writes=False) as db:
             if db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
                 return None
             rows = db.execute(
@@ -220,7 +221,7 @@ class SqliteSessionStore:
                 raise SessionNotFound(session_id)
 
     def session_ids(self) -> list[str]:
-        with self._transaction() as db:
+        with self._transaction(writes=False) as db:
             rows = db.execute("SELECT id FROM sessions ORDER BY use_order").fetchall()
         return [row[0] for row in rows]
 

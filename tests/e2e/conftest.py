@@ -89,19 +89,40 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         return process.wait()
 
 
+@dataclass
+class Running:
+    """A core and a gateway started by ``start_both``."""
+
+    url: str
+    grpc_address: str
+    core: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+
+
+def start_both(env: dict[str, str], logs: Path, prefix: str = "") -> Running:
+    """Start the core and the gateway with ``env`` (logs in ``logs``, their
+    names after ``prefix``) and wait until both serve; both are stopped if not."""
+    core = start(["-m", "inference_server"], env, logs / f"{prefix}core.log")
+    gateway = start(["-m", "rest_gateway"], env, logs / f"{prefix}gateway.log")
+    running = Running(f"http://127.0.0.1:{env['PORT']}", env["GRPC_ADDRESS"], core, gateway)
+    try:
+        wait_healthy(running.url, [core, gateway])
+    except BaseException:
+        stop(gateway)
+        stop(core)
+        raise
+    return running
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     logs = tmp_path_factory.mktemp("logs")
-    grpc_port, http_port = free_port(), free_port()
-    env = service_env(grpc_port, http_port, logs)
-    core = start(["-m", "inference_server"], env, logs / "core.log")
-    gateway = start(["-m", "rest_gateway"], env, logs / "gateway.log")
-    url = f"http://127.0.0.1:{http_port}"
+    env = service_env(free_port(), free_port(), logs)
+    running = start_both(env, logs)
     try:
-        wait_healthy(url, [core, gateway])
         yield Service(
-            url=url, grpc_address=env["GRPC_ADDRESS"], env=env, core_log=logs / "core.log"
+            url=running.url, grpc_address=running.grpc_address, env=env, core_log=logs / "core.log"
         )
     finally:
-        codes = (stop(gateway), stop(core))
+        codes = (stop(running.gateway), stop(running.core))
     assert codes == (0, 0), f"exit codes {codes}; logs in {logs}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,27 +29,11 @@ from tests.bad_inputs import (
     bad_chat_inputs,
     json_body,
 )
-from tests.e2e.conftest import Service, service_env, start, stop, wait_healthy
+from tests.e2e.conftest import Running, Service, service_env, start, start_both, stop, wait_healthy
 from tests.helpers import free_port
 
 N_CTX = 4096  # the core's default, which the module's service runs with
 GREEDY = {"temperature": 0.0}
-
-
-@dataclass
-class Running:
-    url: str
-    grpc_address: str
-    core: subprocess.Popen[bytes]
-    gateway: subprocess.Popen[bytes]
-
-
-def start_both(env: dict[str, str], logs: Path, name: str) -> Running:
-    core = start(["-m", "inference_server"], env, logs / f"{name}-core.log")
-    gateway = start(["-m", "rest_gateway"], env, logs / f"{name}-gateway.log")
-    running = Running(f"http://127.0.0.1:{env['PORT']}", env["GRPC_ADDRESS"], core, gateway)
-    wait_healthy(running.url, [core, gateway])
-    return running
 
 
 @contextmanager
@@ -61,7 +44,7 @@ def launched(tmp_path: Path, **settings: object) -> Iterator[Running]:
         **service_env(free_port(), free_port(), tmp_path),
         **{k: str(v) for k, v in settings.items()},
     }
-    running = start_both(env, tmp_path, "service")
+    running = start_both(env, tmp_path)
     try:
         yield running
     finally:
@@ -89,7 +72,7 @@ def events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 
 def test_kill_9_mid_stream_and_restart_keep_every_acknowledged_exchange(tmp_path):
     env = service_env(free_port(), free_port(), tmp_path)
-    before = start_both(env, tmp_path, "before")
+    before = start_both(env, tmp_path, "before-")
     try:
         ids = []
         for n in range(3):
@@ -108,7 +91,7 @@ def test_kill_9_mid_stream_and_restart_keep_every_acknowledged_exchange(tmp_path
         for process in (before.core, before.gateway):
             if process.poll() is None:
                 process.kill()
-    after = start_both(env, tmp_path, "after")
+    after = start_both(env, tmp_path, "after-")
     try:
         assert snapshot(after.url) == acknowledged  # nothing lost, no half exchange
         reply = chat(after.url, "One more?", session_id=ids[0], max_tokens=8)
@@ -322,7 +305,7 @@ def test_a_core_restarted_under_a_running_gateway_is_used_again_without_a_gatewa
     tmp_path,
 ):
     env = service_env(free_port(), free_port(), tmp_path)
-    service = start_both(env, tmp_path, "first")
+    service = start_both(env, tmp_path, "first-")
     body = {"message": "Hi", "max_tokens": 3}
     try:
         session = chat(service.url, **body)["session_id"]
