@@ -24,7 +24,7 @@ help:
 	@echo "make bench  measure the service against llama.cpp (bench/results/)"
 	@echo "make bench-load  twice the capacity for 60 s: statuses, concurrency held, memory"
 	@echo "make bench-soak  10,000 sessions created and cleared: errors and memory"
-	@echo "make lint   ruff on the Python code"
+	@echo "make lint   ruff and mypy on the Python code, buf lint on the proto"
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,28 @@ $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
 	$(PIP) install -q -r requirements-bench.txt
 	touch $@
 
-setup: $(VENV)/.dev
+# Node.js packages: the Node client's (@grpc/grpc-js, @grpc/proto-loader) and
+# buf (@bufbuild/buf, the proto linter), installed exactly from their lock files.
+NODE_CLIENT := clients/node/node_modules/.package-lock.json
+NODE_TOOLS  := node_modules/.package-lock.json
+
+$(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund
+	touch $@
+
+$(NODE_TOOLS): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+# The web page is tested in Debian's chromium (Playwright's own browser download
+# is not available); installed with apt when missing and we may.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	 else sudo apt-get update -q && sudo apt-get install -y -q chromium; fi
+
+setup: $(VENV)/.dev $(NODE_CLIENT) $(NODE_TOOLS) $(CHROMIUM)
 
 # -I proto makes the generated imports read `from llamachat.v1 import ...`,
 # so the stubs form the importable package llamachat.v1 at the repository root.
@@ -52,7 +73,7 @@ proto: $(STUBS)
 run: $(VENV)/.runtime $(STUBS)
 	$(PY) api_service.py
 
-test: $(VENV)/.dev $(STUBS)
+test: $(VENV)/.dev $(STUBS) $(NODE_CLIENT) $(NODE_TOOLS) $(CHROMIUM)
 	$(PY) -m pytest
 
 # Adds llama.cpp's own server to the comparison when the optional package
@@ -67,10 +88,12 @@ bench-load: $(VENV)/.dev $(STUBS)
 bench-soak: $(VENV)/.dev $(STUBS)
 	$(PY) -m bench.soak $(BENCH_ARGS)
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev $(STUBS) $(NODE_TOOLS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	npx --no-install buf lint
 
 clean:
-	rm -rf llamachat .pytest_cache
+	rm -rf llamachat .pytest_cache .mypy_cache node_modules clients/node/node_modules
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,4 +1,5 @@
-"""Terminal chat: ``python -m clients [chat|sessions|clear] ...``.
+"""Terminal chat: ``llamachat [chat|sessions|clear] ...`` (installed with pip),
+or ``python -m clients ...`` from a checkout.
 
     python -m clients chat                      # interactive; replies stream as they come
     python -m clients chat "Tell me a joke"     # one message
@@ -21,10 +22,8 @@ from .grpc_client import GrpcChatClient
 from .rest_client import DEFAULT_URL, LLMChatClient
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m clients", description="Chat with the LLaMA Chat service."
-    )
+def parse_args(argv: list[str], prog: str = "llamachat") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Chat with the LLaMA Chat service.")
     parser.add_argument("--url", default=DEFAULT_URL, help="REST base URL")
     parser.add_argument("--grpc", metavar="ADDRESS", help="use gRPC at ADDRESS instead of REST")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,8 +84,9 @@ def run(args: argparse.Namespace) -> None:
             interactive(client, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, prog: str = "llamachat") -> int:
+    """The ``llamachat`` command; ``prog`` is the name its help shows."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     try:
         run(args)
     except ChatAPIError as error:
@@ -98,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m clients"))

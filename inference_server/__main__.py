@@ -6,9 +6,11 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from .assembly import build_engine
 from .errors import ModelLoadError, SessionStoreError
+from .log_setup import configure_logging
 from .model_files import resolve_model_path
 from .server import AddressInUse, TlsFiles, create_server
 from .settings import ServerSettings
@@ -16,12 +18,18 @@ from .settings import ServerSettings
 log = logging.getLogger("inference_server")
 
 
+def program_name(module: str) -> str:
+    """How the user started us: ``python -m MODULE``, or a console command's name."""
+    started_as = Path(sys.argv[0]).name
+    return f"python -m {module}" if started_as == "__main__.py" else started_as
+
+
 def parse_settings(argv: list[str]) -> ServerSettings:
     """Settings from the environment and the command line; a first argument that
     is not a flag is the model path, as in ``api_service.py [model_path]``."""
     if argv and not argv[0].startswith("-"):
         argv = ["--model-path", argv[0], *argv[1:]]
-    return ServerSettings(_cli_parse_args=argv, _cli_prog_name="python -m inference_server")
+    return ServerSettings(_cli_parse_args=argv, _cli_prog_name=program_name("inference_server"))
 
 
 async def serve(settings: ServerSettings) -> None:
@@ -69,10 +77,7 @@ async def serve(settings: ServerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except (FileNotFoundError, ModelLoadError, AddressInUse, SessionStoreError) as error:

@@ -46,4 +46,10 @@ def build_engine(
         settings,
         open_store(settings),
         load_runtime=partial(load_runtime, settings, model_path, runtime_class),
+        model_name=model_name(model_path),
     )
+
+
+def model_name(model_path: Path) -> str:
+    """The name the model is served as: its file name without ``.gguf``."""
+    return model_path.name.removesuffix(".gguf")

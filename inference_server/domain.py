@@ -43,6 +43,39 @@ class ChatRequest:
     sampling: SamplingParams = SamplingParams()
 
 
+class Role(enum.Enum):
+    """Who wrote a message of a conversation."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation given in full."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A whole conversation to reply to; no session is read or kept."""
+
+    messages: tuple[Message, ...]
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model being served."""
+
+    id: str
+    context_size: int
+    loaded: bool
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """A piece of the reply, as soon as it is decoded (whole UTF-8 characters)."""
@@ -52,9 +85,10 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ChatResult:
-    """The end of a reply: the whole text, why it ended, and token counts."""
+    """The end of a reply: the whole text, why it ended, and token counts.
+    ``session_id`` is ``None`` for a ``CompletionRequest``, which keeps none."""
 
-    session_id: str
+    session_id: str | None
     text: str
     finish_reason: FinishReason
     prompt_tokens: int

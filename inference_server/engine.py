@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,17 +20,21 @@ from .domain import (
     ChatEvent,
     ChatRequest,
     ChatResult,
+    CompletionRequest,
     Exchange,
     FinishReason,
+    Message,
+    ModelInfo,
     Sampling,
     TextDelta,
 )
 from .errors import ContextOverflow, EngineNotReady, ModelLoadError, Overloaded, SessionNotFound
 from .llama_runtime import LlamaRuntime
+from .metrics import EngineMetrics
 from .scheduler import BatchScheduler, Generation, Job
 from .sessions import SessionStore
 from .settings import ServerSettings
-from .validation import resolve_sampling
+from .validation import resolve_completion_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,23 @@ class Engine(Protocol):
 
     async def list_sessions(self) -> list[str]:
         """Ids of all sessions, least recently used first."""
+        ...
+
+    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+        """Reply to a whole conversation, as ``chat_stream`` does, keeping
+        nothing; the result's ``session_id`` is ``None``."""
+        ...
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        """The whole reply at once; same rules as ``complete_stream``."""
+        ...
+
+    def model_info(self) -> ModelInfo:
+        """The model served, and whether it is loaded."""
+        ...
+
+    async def metrics_text(self) -> str:
+        """The engine's metrics in the Prometheus text format."""
         ...
 
 
@@ -120,8 +142,11 @@ class LlamaEngine:
         settings: ServerSettings,
         store: SessionStore,
         load_runtime: Callable[[], LlamaRuntime],
+        *,
+        model_name: str = "model",
     ) -> None:
         self._settings = settings
+        self._model_name = model_name
         self._store = store
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="session-store")
         self._expiry: asyncio.Task[None] | None = None
@@ -130,6 +155,10 @@ class LlamaEngine:
             load_runtime, saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024
         )
         self._runtime: LlamaRuntime | None = None
+        self.metrics = EngineMetrics(model_name)
+        self.metrics.track_load(
+            running=lambda: self._scheduler.running, waiting=lambda: self._scheduler.waiting
+        )
         self._session_turn = _SessionLocks()
         self._capacity = settings.n_slots + settings.max_queue
         self._in_flight = 0
@@ -207,6 +236,16 @@ class LlamaEngine:
         messages.append({"role": "user", "content": message})
         return messages
 
+    @staticmethod
+    def _tokenize_conversation(runtime: LlamaRuntime, messages: tuple[Message, ...]) -> list[int]:
+        """A whole conversation's prompt; it must leave room for one token."""
+        prompt = runtime.tokenize_chat(
+            [{"role": message.role.value, "content": message.content} for message in messages]
+        )
+        if len(prompt) >= runtime.n_ctx:
+            raise ContextOverflow(len(prompt), runtime.n_ctx)
+        return prompt
+
     def _fit_prompt(
         self, runtime: LlamaRuntime, history: list[Exchange], message: str
     ) -> list[int]:
@@ -218,70 +257,130 @@ class LlamaEngine:
                 return prompt
         raise ContextOverflow(len(prompt), runtime.n_ctx)
 
-    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
-        runtime = self._require_runtime()
-        sampling = resolve_sampling(request, self._settings, runtime.n_ctx)
-        session_id = request.session_id or str(uuid.uuid4())
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """Count a request in flight; ``Overloaded`` past ``N_SLOTS + MAX_QUEUE``."""
         if self._in_flight >= self._capacity:
             raise Overloaded(self._capacity)
         self._in_flight += 1
         try:
-            async with (
-                self._session_turn.hold(session_id),
-                aclosing(self._generate(runtime, request, sampling, session_id)) as events,
-            ):
-                async for event in events:
-                    yield event
+            yield
         finally:
             self._in_flight -= 1
 
-    async def _generate(
-        self, runtime: LlamaRuntime, request: ChatRequest, sampling: Sampling, session_id: str
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        arrived = time.monotonic()
+        runtime = self._require_runtime()
+        sampling = resolve_sampling(request, self._settings, runtime.n_ctx)
+        session_id = request.session_id or str(uuid.uuid4())
+        async with (
+            self._admitted(),
+            self._session_turn.hold(session_id),
+            aclosing(self._chat_turn(runtime, request, sampling, session_id, arrived)) as events,
+        ):
+            async for event in events:
+                yield event
+
+    async def _chat_turn(
+        self,
+        runtime: LlamaRuntime,
+        request: ChatRequest,
+        sampling: Sampling,
+        session_id: str,
+        arrived: float,
     ) -> AsyncIterator[ChatEvent]:
         # From here on a clear of this session keeps this turn out of its history.
         self._cleared_while_generating[session_id] = False
         try:
             history = await self._in_store(self._store.history, session_id) or []
             prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
-            loop = asyncio.get_running_loop()
-            pieces: asyncio.Queue[str | None] = asyncio.Queue()
-            outcome: asyncio.Future[Generation] = loop.create_future()
-            # Logged when it ends, also if the stream was closed before that.
-            outcome.add_done_callback(partial(_log_outcome, session_id, len(prompt)))
-
-            def on_done(result: Generation | BaseException) -> None:
-                loop.call_soon_threadsafe(_settle, outcome, result)
-                loop.call_soon_threadsafe(pieces.put_nowait, None)
-
-            job = Job(
-                session=session_id,
-                prompt=prompt,
-                sampling=sampling,
-                on_piece=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
-                on_done=on_done,
-            )
-            self._scheduler.submit(job)
-            try:
-                while (piece := await pieces.get()) is not None:
-                    yield TextDelta(piece)
-            finally:
-                # Closed early (client gone): stop generating within one token.
-                job.cancelled.set()
-                self._scheduler.wake()
-            generation = await outcome
-            if generation.finish_reason is not FinishReason.CANCELLED:
-                exchange = Exchange(request.message, generation.text)
-                self._forget_kv(await self._in_store(self._commit, session_id, exchange))
-            yield ChatResult(
-                session_id=session_id,
-                text=generation.text,
-                finish_reason=generation.finish_reason,
-                prompt_tokens=len(prompt),
-                completion_tokens=generation.completion_tokens,
-                cached_prompt_tokens=generation.cached_tokens,
-            )
+            async with aclosing(self._generate(prompt, sampling, session_id, arrived)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        yield event
+                        continue
+                    if event.finish_reason is not FinishReason.CANCELLED:
+                        exchange = Exchange(request.message, event.text)
+                        self._forget_kv(await self._in_store(self._commit, session_id, exchange))
+                    yield _result(session_id, prompt, event)
         finally:
             self._cleared_while_generating.pop(session_id, None)
+
+    async def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+        arrived = time.monotonic()
+        runtime = self._require_runtime()
+        sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
+        async with self._admitted():
+            prompt = await asyncio.to_thread(self._tokenize_conversation, runtime, request.messages)
+            async with aclosing(self._generate(prompt, sampling, None, arrived)) as events:
+                async for event in events:
+                    yield event if isinstance(event, TextDelta) else _result(None, prompt, event)
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await collect(self.complete_stream(request))
+
+    async def _generate(
+        self, prompt: list[int], sampling: Sampling, session_id: str | None, arrived: float
+    ) -> AsyncIterator[TextDelta | Generation]:
+        """Run one job on the scheduler: its pieces as ``TextDelta``s, then its
+        ``Generation``. Closing early cancels it within one token."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        outcome: asyncio.Future[Generation] = loop.create_future()
+        timing = _Timing(arrived)
+        # Measured and logged when it ends, also if the stream was closed before that.
+        outcome.add_done_callback(partial(self._finished, session_id, len(prompt), timing))
+
+        def on_piece(piece: str) -> None:  # on the scheduler's thread, as each token comes
+            timing.token(time.monotonic(), self.metrics)
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        def on_done(result: Generation | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, outcome, result)
+            loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        job = Job(
+            session=session_id, prompt=prompt, sampling=sampling, on_piece=on_piece, on_done=on_done
+        )
+        self._scheduler.submit(job)
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield TextDelta(piece)
+        finally:
+            # Closed early (client gone): stop generating within one token.
+            job.cancelled.set()
+            self._scheduler.wake()
+        yield await outcome
+
+    def _finished(
+        self,
+        session_id: str | None,
+        prompt_tokens: int,
+        timing: _Timing,
+        outcome: asyncio.Future[Generation],
+    ) -> None:
+        """Metrics and one log line per generation (a failure is logged where
+        it is reported)."""
+        if outcome.cancelled() or outcome.exception() is not None:
+            return
+        generation = outcome.result()
+        duration = time.monotonic() - timing.arrived
+        self.metrics.observe_finished(generation, prompt_tokens, duration)
+        fields = {
+            "session": session_id or "-",
+            "finish": generation.finish_reason.value,
+            "prompt_tokens": prompt_tokens,
+            "cached_tokens": generation.cached_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "queue_s": round(generation.queue_time_s, 4),
+            "ttft_s": None if timing.first is None else round(timing.first - timing.arrived, 4),
+            "duration_s": round(duration, 4),
+        }
+        log.info(
+            "generation %s",
+            " ".join(f"{key}={value}" for key, value in fields.items()),
+            extra=fields,
+        )
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
@@ -312,6 +411,18 @@ class LlamaEngine:
     async def list_sessions(self) -> list[str]:
         return await self._in_store(self._store.session_ids)
 
+    def model_info(self) -> ModelInfo:
+        runtime = self._runtime
+        return ModelInfo(
+            id=self._model_name,
+            context_size=runtime.n_ctx if runtime is not None else self._settings.n_ctx,
+            loaded=runtime is not None,
+        )
+
+    async def metrics_text(self) -> str:
+        sessions = len(await self.list_sessions()) if not self._closed else 0
+        return self.metrics.exposition(sessions)
+
 
 def _settle(future: asyncio.Future[Generation], result: Generation | BaseException) -> None:
     if future.done():
@@ -322,16 +433,29 @@ def _settle(future: asyncio.Future[Generation], result: Generation | BaseExcepti
         future.set_result(result)
 
 
-def _log_outcome(session_id: str, prompt_tokens: int, outcome: asyncio.Future[Generation]) -> None:
-    """One log line per generation (a failure is logged where it is reported)."""
-    if outcome.exception() is not None:
-        return
-    generation = outcome.result()
-    log.info(
-        "session=%s finish=%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d",
-        session_id,
-        generation.finish_reason.value,
-        prompt_tokens,
-        generation.cached_tokens,
-        generation.completion_tokens,
+class _Timing:
+    """When a request arrived and its tokens came (``time.monotonic()``)."""
+
+    def __init__(self, arrived: float) -> None:
+        self.arrived = arrived
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def token(self, now: float, metrics: EngineMetrics) -> None:
+        if self.last is None:
+            self.first = now
+            metrics.time_to_first_token.observe(now - self.arrived)
+        else:
+            metrics.inter_token_latency.observe(now - self.last)
+        self.last = now
+
+
+def _result(session_id: str | None, prompt: list[int], generation: Generation) -> ChatResult:
+    return ChatResult(
+        session_id=session_id,
+        text=generation.text,
+        finish_reason=generation.finish_reason,
+        prompt_tokens=len(prompt),
+        completion_tokens=generation.completion_tokens,
+        cached_prompt_tokens=generation.cached_tokens,
     )

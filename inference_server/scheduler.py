@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -46,6 +47,8 @@ class Generation:
     completion_tokens: int
     cached_tokens: int
     """Prompt tokens found in the KV cache, not evaluated again."""
+    queue_time_s: float = 0.0
+    """Time from ``submit`` until a slot was free (until the end if it never was)."""
 
 
 @dataclass(eq=False)
@@ -64,6 +67,12 @@ class Job:
     on_piece: Callable[[str], None]
     on_done: Callable[[Generation | BaseException], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = 0.0
+    """``time.monotonic()`` at ``submit``."""
+
+    def never_admitted(self) -> Generation:
+        """How a job that ended before it had a slot ended."""
+        return Generation("", FinishReason.CANCELLED, 0, 0, time.monotonic() - self.submitted_at)
 
 
 @dataclass(eq=False)
@@ -71,6 +80,7 @@ class _Running:
     """A job admitted to a slot, and its progress."""
 
     job: Job
+    queue_time_s: float
     slot: Slot
     sampler: Sampler
     unevaluated: list[int]
@@ -100,6 +110,10 @@ class BatchScheduler:
         self._forget: deque[str] = deque()
         self._stopping = False
         self._loaded: Future[LlamaRuntime] = Future()
+        self.running = 0
+        """Jobs in a slot, as of the last step (read from any thread)."""
+        self.waiting = 0
+        """Jobs waiting for a slot, as of the last step (read from any thread)."""
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
 
     # --- any thread ------------------------------------------------------------
@@ -114,6 +128,7 @@ class BatchScheduler:
         with self._wakeup:
             if self._stopping:
                 raise EngineNotReady()
+            job.submitted_at = time.monotonic()
             self._inbox.append(job)
             self._wakeup.notify()
 
@@ -165,8 +180,11 @@ class BatchScheduler:
                     slots.forget(session)
                 self._settle_cancelled(waiting, running)
                 self._admit(runtime, slots, waiting, running)
+                self.running, self.waiting = len(running), len(waiting)
                 if running:
                     self._step(runtime, slots, running)
+                    # Also before the loop sleeps, once the last job ended.
+                    self.running = len(running)
         except BaseException:
             log.exception("the scheduler stopped on an unexpected error")
             raise
@@ -178,13 +196,14 @@ class BatchScheduler:
             for item in list(running):
                 self._finish(running, item, FinishReason.CANCELLED)
             for job in waiting:
-                _notify(job.on_done, Generation("", FinishReason.CANCELLED, 0, 0))
+                _notify(job.on_done, job.never_admitted())
+            self.running = self.waiting = 0
             runtime.close()
 
     def _settle_cancelled(self, waiting: deque[Job], running: list[_Running]) -> None:
         for job in [job for job in waiting if job.cancelled.is_set()]:
             waiting.remove(job)
-            _notify(job.on_done, Generation("", FinishReason.CANCELLED, 0, 0))
+            _notify(job.on_done, job.never_admitted())
         for item in [item for item in running if item.job.cancelled.is_set()]:
             self._finish(running, item, FinishReason.CANCELLED)
 
@@ -205,6 +224,7 @@ class BatchScheduler:
             running.append(
                 _Running(
                     job=job,
+                    queue_time_s=time.monotonic() - job.submitted_at,
                     slot=slot,
                     sampler=Sampler(job.sampling),
                     unevaluated=job.prompt[cached:],
@@ -274,7 +294,9 @@ class BatchScheduler:
     def _finish(self, running: list[_Running], item: _Running, reason: FinishReason) -> None:
         self._release(running, item)
         item.emit(item.decoder.decode(b"", final=True))
-        generation = Generation("".join(item.pieces), reason, item.generated, item.cached_tokens)
+        generation = Generation(
+            "".join(item.pieces), reason, item.generated, item.cached_tokens, item.queue_time_s
+        )
         _notify(item.job.on_done, generation)
 
     def _fail(self, running: list[_Running], item: _Running, error: BaseException) -> None:

@@ -36,6 +36,12 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     SessionStoreError: grpc.StatusCode.UNAVAILABLE,
 }
 
+ROLES = {
+    chat_pb2.ROLE_SYSTEM: domain.Role.SYSTEM,
+    chat_pb2.ROLE_USER: domain.Role.USER,
+    chat_pb2.ROLE_ASSISTANT: domain.Role.ASSISTANT,
+}
+
 FINISH_REASONS = {
     domain.FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
     domain.FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
@@ -71,19 +77,40 @@ def maps_errors(method: Handler) -> Handler:
 def to_domain(request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest) -> domain.ChatRequest:
     """The engine's request from either protobuf request (they share their fields)."""
 
-    def optional(field: str) -> Any:
-        return getattr(request, field) if request.HasField(field) else None
-
     return domain.ChatRequest(
         message=request.message,
         session_id=request.session_id or None,
-        sampling=domain.SamplingParams(
-            temperature=optional("temperature"),
-            top_p=optional("top_p"),
-            max_tokens=optional("max_tokens"),
-            seed=optional("seed"),
-        ),
+        sampling=sampling_of(request),
     )
+
+
+def sampling_of(request: Any) -> domain.SamplingParams:
+    """The sampling fields every request type shares; unset ones stay ``None``."""
+
+    def optional(field: str) -> Any:
+        return getattr(request, field) if request.HasField(field) else None
+
+    return domain.SamplingParams(
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        max_tokens=optional("max_tokens"),
+        seed=optional("seed"),
+    )
+
+
+def completion_of(
+    request: chat_pb2.CompleteRequest | chat_pb2.CompleteStreamRequest,
+) -> domain.CompletionRequest:
+    """The engine's request from either protobuf completion request."""
+    messages = []
+    for index, message in enumerate(request.messages):
+        role = ROLES.get(message.role)
+        if role is None:
+            raise InvalidRequest(
+                f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
+            )
+        messages.append(domain.Message(role, message.content))
+    return domain.CompletionRequest(messages=tuple(messages), sampling=sampling_of(request))
 
 
 def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:
@@ -107,7 +134,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         result = await self._engine.chat(to_domain(request))
         return chat_pb2.ChatResponse(
             text=result.text,
-            session_id=result.session_id,
+            session_id=result.session_id or "",
             finish_reason=FINISH_REASONS[result.finish_reason],
             usage=usage_of(result),
         )
@@ -131,6 +158,49 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                             usage=usage_of(event),
                         )
                     )
+
+    @maps_errors
+    async def Complete(
+        self, request: chat_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.CompleteResponse:
+        result = await self._engine.complete(completion_of(request))
+        return chat_pb2.CompleteResponse(
+            text=result.text,
+            finish_reason=FINISH_REASONS[result.finish_reason],
+            usage=usage_of(result),
+        )
+
+    @maps_errors
+    async def CompleteStream(
+        self, request: chat_pb2.CompleteStreamRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        # context.write, as in ChatStream, so that cancelling stops generation.
+        async with aclosing(self._engine.complete_stream(completion_of(request))) as events:
+            async for event in events:
+                if isinstance(event, domain.TextDelta):
+                    await context.write(chat_pb2.CompleteStreamResponse(text=event.text))
+                else:
+                    await context.write(
+                        chat_pb2.CompleteStreamResponse(
+                            finish_reason=FINISH_REASONS[event.finish_reason],
+                            usage=usage_of(event),
+                        )
+                    )
+
+    @maps_errors
+    async def GetModel(
+        self, request: chat_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetModelResponse:
+        model = self._engine.model_info()
+        return chat_pb2.GetModelResponse(
+            id=model.id, context_size=model.context_size, loaded=model.loaded
+        )
+
+    @maps_errors
+    async def GetMetrics(
+        self, request: chat_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetMetricsResponse:
+        return chat_pb2.GetMetricsResponse(text=await self._engine.metrics_text())
 
     @maps_errors
     async def Clear(

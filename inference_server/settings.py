@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .log_setup import LogFormat
+
 
 class ServerSettings(BaseSettings):
     """Configuration of the gRPC inference core."""
@@ -122,6 +124,10 @@ class ServerSettings(BaseSettings):
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
     )
     log_level: str = Field(default="INFO", description="Logging level.")
+    log_format: LogFormat = Field(
+        default="text",
+        description="Log lines as text, or as JSON objects (json) for log collectors.",
+    )
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> ServerSettings:

@@ -6,7 +6,7 @@ of it) accepts and refuses exactly the same requests.
 
 from __future__ import annotations
 
-from .domain import ChatRequest, Sampling
+from .domain import ChatRequest, CompletionRequest, Sampling, SamplingParams
 from .errors import InvalidRequest
 from .settings import ServerSettings
 
@@ -28,7 +28,22 @@ def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int)
             f"session_id must be at most {MAX_SESSION_ID_CHARS} characters, "
             f"got {len(request.session_id)}"
         )
-    given = request.sampling
+    return _with_defaults(request.sampling, settings, n_ctx)
+
+
+def resolve_completion_sampling(
+    request: CompletionRequest, settings: ServerSettings, n_ctx: int
+) -> Sampling:
+    """As ``resolve_sampling``, for a whole conversation: it needs at least one
+    message, and some message must say something."""
+    if not request.messages:
+        raise InvalidRequest("messages must hold at least one message")
+    if not any(message.content.strip() for message in request.messages):
+        raise InvalidRequest("every message is empty")
+    return _with_defaults(request.sampling, settings, n_ctx)
+
+
+def _with_defaults(given: SamplingParams, settings: ServerSettings, n_ctx: int) -> Sampling:
     temperature = settings.default_temperature if given.temperature is None else given.temperature
     top_p = settings.default_top_p if given.top_p is None else given.top_p
     # The default never exceeds the context; a value the client sets must fit.

@@ -8,6 +8,9 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from inference_server.__main__ import program_name
+from inference_server.log_setup import configure_logging
+
 from .app import create_app
 from .settings import GatewaySettings
 
@@ -30,12 +33,17 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     settings = GatewaySettings(
         _cli_parse_args=sys.argv[1:] if argv is None else argv,
-        _cli_prog_name="python -m rest_gateway",
+        _cli_prog_name=program_name("rest_gateway"),
     )
+    configure_logging(settings.log_level, settings.log_format)
+    # uvicorn's loggers go to the root handler; its access log is replaced by
+    # the one line per request of rest_gateway.observe.
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        log_config=None,
+        access_log=False,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from grpc_health.v1 import health_pb2_grpc
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamachat.v1 import chat_pb2_grpc
 
@@ -17,14 +19,22 @@ from .auth import ApiKeyAuth
 from .body_limit import BodySizeLimit
 from .disconnect import ClientDisconnected
 from .errors import (
+    ApiError,
     BadRequestForCore,
+    handle_api_error,
     handle_bad_request,
     handle_client_disconnected,
+    handle_http_exception,
     handle_rpc_error,
     handle_validation_error,
 )
+from .metrics import GatewayMetrics
+from .metrics import router as metrics_router
+from .observe import RequestObserver
+from .openai_routes import router as openai_router
 from .routes import SERVICE_NAME, VERSION, router
 from .settings import GatewaySettings
+from .ui import router as ui_router
 
 # Reconnect quickly once the core is back, so the gateway recovers by itself.
 CHANNEL_OPTIONS = [
@@ -63,14 +73,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = GatewayMetrics()
+    app.state.started = int(time.time())
     # Metadata of every call to the core.
     app.state.core_metadata = (
         (("authorization", f"Bearer {settings.api_key.get_secret_value()}"),)
         if settings.api_key
         else ()
     )
-    # The last added runs first: CORS, then the key, then the body limit, so a
-    # 401 or a 413 carries the CORS headers too, and no body is read unauthorized.
+    # The last added runs first: the observer (which sees every answer), CORS,
+    # then the key, then the body limit, so a 401 or a 413 carries the CORS
+    # headers too, and no body is read unauthorized.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
@@ -81,9 +94,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(RequestObserver, metrics=app.state.metrics)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
     app.add_exception_handler(BadRequestForCore, handle_bad_request)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(ClientDisconnected, handle_client_disconnected)
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.include_router(router)
+    app.include_router(openai_router)
+    app.include_router(metrics_router)
+    app.include_router(ui_router)
     return app

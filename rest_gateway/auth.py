@@ -5,12 +5,15 @@ from __future__ import annotations
 import hmac
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# Open without a key: service information, health probes and the API's documentation.
+from .errors import error_response
+
+# Open without a key: service information, health probes, the API's
+# documentation, the web page (whose own calls to the API carry the key) and
+# the Prometheus metrics (scrapers carry no key, as with vLLM's /metrics).
 PUBLIC_PATHS = frozenset(
-    {"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/metrics"}
 )
 
 
@@ -41,12 +44,11 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self.authorized(scope):
             await self.app(scope, receive, send)
             return
-        response = JSONResponse(
-            status_code=401,
-            content={
-                "detail": "Missing or invalid API key: send 'Authorization: Bearer <key>' "
-                "or 'X-API-Key: <key>'"
-            },
+        response = error_response(
+            scope["path"],
+            401,
+            "Missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers={"WWW-Authenticate": "Bearer"},
+            code="invalid_api_key",
         )
         await response(scope, receive, send)

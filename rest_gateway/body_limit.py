@@ -1,10 +1,11 @@
-"""Request body size limit, answered in the API's error shape (413 ``{"detail"}``)."""
+"""Request body size limit, answered in the API's error shape (413)."""
 
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
 
 
 class BodySizeLimit:
@@ -28,7 +29,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse(status_code=413, content={"detail": self.detail(int(declared))})
+            response = error_response(scope["path"], 413, self.detail(int(declared)))
             await response(scope, receive, send)
             return
         received = 0

@@ -1,4 +1,10 @@
-"""The one table from gRPC status codes to HTTP statuses, and its handler."""
+"""The one table from gRPC status codes to HTTP statuses, the two error
+shapes, and the handlers that answer every error in the shape of its API.
+
+The documented API answers ``{"detail": "..."}``; the OpenAI-compatible
+endpoints under ``/v1/`` answer OpenAI's ``{"error": {"message", "type",
+"param", "code"}}``, which OpenAI's SDKs read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import grpc
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # After google/rpc/code.proto.
 HTTP_STATUS_FOR_GRPC: dict[grpc.StatusCode, int] = {
@@ -33,6 +40,51 @@ def http_status_for(code: grpc.StatusCode) -> int:
     return HTTP_STATUS_FOR_GRPC.get(code, 500)
 
 
+OPENAI_PREFIX = "/v1/"
+
+# OpenAI's error types by HTTP status.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """An error body in OpenAI's shape."""
+    kind = OPENAI_ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """An error answer in the shape of the API that ``path`` belongs to."""
+    if path.startswith(OPENAI_PREFIX):
+        content = openai_error(status, message, param=param, code=code)
+    else:
+        content = {"detail": message}
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
 def detail_of(error: grpc.aio.AioRpcError) -> str:
     """What the core said went wrong, for the ``detail`` (or SSE ``error``) field."""
     return error.details() or error.code().name
@@ -43,12 +95,12 @@ RETRY_AFTER_S = 1
 
 
 async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
-    """FastAPI exception handler: a failed call to the core as ``{"detail": ...}``
-    (with ``Retry-After`` on a 429)."""
+    """FastAPI exception handler: a failed call to the core (with ``Retry-After``
+    on a 429)."""
     assert isinstance(error, grpc.aio.AioRpcError)
     status = http_status_for(error.code())
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
-    return JSONResponse(status_code=status, content={"detail": detail_of(error)}, headers=headers)
+    return error_response(request.url.path, status, detail_of(error), headers=headers)
 
 
 class BadRequestForCore(ValueError):
@@ -57,7 +109,37 @@ class BadRequestForCore(ValueError):
 
 
 async def handle_bad_request(request: Request, error: Exception) -> JSONResponse:
-    return JSONResponse(status_code=400, content={"detail": str(error)})
+    return error_response(request.url.path, 400, str(error))
+
+
+class ApiError(Exception):
+    """An error the gateway itself finds in a request (not the core): its
+    status, message and, for OpenAI's shape, the parameter and code."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+async def handle_api_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return error_response(
+        request.url.path, error.status, str(error), param=error.param, code=error.code
+    )
+
+
+async def handle_http_exception(request: Request, error: Exception) -> Response:
+    """Starlette's own errors (404 no such route, 405, 413 from the body limit)."""
+    assert isinstance(error, StarletteHTTPException)
+    if error.status_code < 400:
+        return Response(status_code=error.status_code, headers=error.headers)
+    return error_response(
+        request.url.path, error.status_code, str(error.detail), headers=error.headers
+    )
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:
@@ -74,11 +156,15 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 
 
 async def handle_validation_error(request: Request, error: Exception) -> JSONResponse:
-    """Wrong types or malformed JSON: 422 with ``{"detail": "..."}`` like every other error."""
+    """Wrong types or malformed JSON: 422 with ``{"detail": "..."}`` like every
+    other error; under ``/v1/`` a 400, as OpenAI answers a bad parameter."""
     assert isinstance(error, RequestValidationError)
-    return JSONResponse(
-        status_code=422, content={"detail": describe_validation_errors(error.errors())}
-    )
+    message = describe_validation_errors(error.errors())
+    if request.url.path.startswith(OPENAI_PREFIX):
+        first = error.errors()[0]["loc"] if error.errors() else ()
+        param = ".".join(str(part) for part in first if part != "body") or None
+        return error_response(request.url.path, 400, message, param=param)
+    return error_response(request.url.path, 422, message)
 
 
 async def handle_client_disconnected(request: Request, error: Exception) -> Response:

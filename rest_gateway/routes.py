@@ -14,6 +14,7 @@ from llamachat.v1 import chat_pb2, chat_pb2_grpc
 from . import schemas
 from .disconnect import unless_disconnected
 from .errors import BadRequestForCore
+from .observe import note
 from .settings import GatewaySettings
 from .sse import relay
 
@@ -64,7 +65,11 @@ HealthStub = Annotated[health_pb2_grpc.HealthStub, Depends(health_stub)]
 
 def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
     """The gRPC request for a REST body; fields left out stay unset."""
-    fields = body.model_dump(exclude_none=True)
+    return to_grpc_message(message_type, body.model_dump(exclude_none=True))
+
+
+def to_grpc_message(message_type: type, fields: dict[str, Any]) -> Any:
+    """A gRPC request from its fields; ``BadRequestForCore`` if they do not fit it."""
     try:
         message = message_type(**fields)
         message.SerializeToString()  # fails here, not in the channel, on bad UTF-8
@@ -113,6 +118,7 @@ async def chat(
     """Send a message and receive the complete response."""
     call = stub.Chat(to_grpc(chat_pb2.ChatRequest, body), **options)
     reply = await unless_disconnected(request, call, call)
+    note(request, session=reply.session_id, usage=reply.usage)
     return schemas.ChatResponse(
         response=reply.text, session_id=reply.session_id, tokens_used=reply.usage.completion_tokens
     )
@@ -136,7 +142,12 @@ async def chat_stream(
     # still get their own HTTP status, not a 200 stream.
     first = await unless_disconnected(request, call, anext(messages))
     return StreamingResponse(
-        relay(first, messages, call),
+        relay(
+            first,
+            messages,
+            call,
+            lambda done: note(request, session=done.session_id, usage=done.usage),
+        ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

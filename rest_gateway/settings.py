@@ -12,6 +12,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from inference_server.log_setup import LogFormat
+
 
 class GatewaySettings(BaseSettings):
     """Configuration of the REST gateway."""
@@ -60,6 +62,10 @@ class GatewaySettings(BaseSettings):
         default=10.0, ge=0, description="Seconds open requests get to finish on shutdown."
     )
     log_level: str = Field(default="info", description="Logging level.")
+    log_format: LogFormat = Field(
+        default="text",
+        description="Log lines as text, or as JSON objects (json) for log collectors.",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -9,14 +9,16 @@ last event ``data: {"error": "..."}``, then the stream ends.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from llamachat.v1 import chat_pb2
 
 from .errors import detail_of
+
+T = TypeVar("T")
 
 FINISH_REASON_NAMES = {
     chat_pb2.FINISH_REASON_STOP: "stop",
@@ -45,17 +47,26 @@ async def relay(
     first: chat_pb2.ChatStreamResponse,
     rest: AsyncIterator[chat_pb2.ChatStreamResponse],
     call: grpc.aio.UnaryStreamCall,
+    on_done: Callable[[chat_pb2.ChatStreamResponse], None] = lambda done: None,
 ) -> AsyncIterator[str]:
-    """SSE lines for a stream whose first message has already arrived.
+    """SSE lines for a stream whose first message has already arrived;
+    ``on_done`` gets the last message (session id and usage).
 
     When the HTTP client goes away, Starlette cancels this generator and the
     ``finally`` cancels the gRPC call, which stops generation in the core.
     """
     try:
-        yield sse_event(event_of(first))
-        async for message in rest:
+        async for message in chain(first, rest):
+            if message.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED:
+                on_done(message)
             yield sse_event(event_of(message))
     except grpc.aio.AioRpcError as error:
         yield sse_event({"error": detail_of(error)})
     finally:
         call.cancel()
+
+
+async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    yield first
+    async for item in rest:
+        yield item

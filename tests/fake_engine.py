@@ -15,15 +15,18 @@ from inference_server.domain import (
     ChatEvent,
     ChatRequest,
     ChatResult,
+    CompletionRequest,
     Exchange,
     FinishReason,
+    ModelInfo,
     TextDelta,
 )
 from inference_server.engine import collect
 from inference_server.errors import ContextOverflow, EngineNotReady, Overloaded, SessionNotFound
+from inference_server.metrics import EngineMetrics
 from inference_server.sessions import InMemorySessionStore, Retention
 from inference_server.settings import ServerSettings
-from inference_server.validation import resolve_sampling
+from inference_server.validation import resolve_completion_sampling, resolve_sampling
 
 FAKE_N_CTX = 256
 
@@ -41,7 +44,8 @@ class FakeEngine:
         self.hang_after: int | None = None  # wait for cancellation after this many pieces
         self.pieces_sent = 0
         self.cancelled = asyncio.Event()
-        self.requests: list[ChatRequest] = []
+        self.requests: list[ChatRequest | CompletionRequest] = []
+        self.metrics = EngineMetrics("fake-model")
         self.store = InMemorySessionStore(Retention(window=5, max_sessions=100, ttl_s=0))
         self.settings = ServerSettings()
 
@@ -56,6 +60,40 @@ class FakeEngine:
         self.requests.append(request)
         session_id = request.session_id or str(uuid.uuid4())
         pieces = self.script[: sampling.max_tokens]
+        async for piece in self._scripted(pieces):
+            yield piece
+        finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
+        text = "".join(pieces)
+        self.store.append(session_id, Exchange(request.message, text))
+        yield ChatResult(session_id, text, finish, len(request.message), len(pieces))
+
+    async def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+        """One character of the conversation's contents counts as one prompt token."""
+        if not self.ready:
+            raise EngineNotReady()
+        if self.overloaded:
+            raise Overloaded(limit=36)
+        sampling = resolve_completion_sampling(request, self.settings, FAKE_N_CTX)
+        prompt_tokens = sum(len(message.content) for message in request.messages)
+        if prompt_tokens >= FAKE_N_CTX:
+            raise ContextOverflow(prompt_tokens, FAKE_N_CTX)
+        self.requests.append(request)
+        pieces = self.script[: sampling.max_tokens]
+        async for piece in self._scripted(pieces):
+            yield piece
+        finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
+        yield ChatResult(None, "".join(pieces), finish, prompt_tokens, len(pieces))
+
+    async def complete(self, request: CompletionRequest) -> ChatResult:
+        return await collect(self.complete_stream(request))
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(id="fake-model", context_size=FAKE_N_CTX, loaded=self.ready)
+
+    async def metrics_text(self) -> str:
+        return self.metrics.exposition(len(self.store.session_ids()))
+
+    async def _scripted(self, pieces: list[str]) -> AsyncIterator[TextDelta]:
         try:
             for index, piece in enumerate(pieces):
                 if index == self.fail_after:
@@ -68,10 +106,6 @@ class FakeEngine:
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled.set()
             raise
-        finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
-        text = "".join(pieces)
-        self.store.append(session_id, Exchange(request.message, text))
-        yield ChatResult(session_id, text, finish, len(request.message), len(pieces))
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))

@@ -154,6 +154,10 @@ async def test_reflection_describes_the_service_without_a_proto_file(channel):
         "Clear",
         "ListSessions",
         "GetSession",
+        "Complete",
+        "CompleteStream",
+        "GetModel",
+        "GetMetrics",
     }
 
 

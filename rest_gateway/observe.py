@@ -1,0 +1,89 @@
+"""Per request, as it ends: the Prometheus request metrics and one structured
+log line (method, path, status, session, tokens, time to first byte of a
+stream, duration).
+
+``RequestObserver`` wraps the whole app; routes add what only they know
+(the session, the token counts) with ``note``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("rest_gateway.requests")
+
+NOTES = "observed"
+
+
+def note(request: Request, *, session: str | None = None, usage: Any = None) -> None:
+    """Add a request's session and token counts (a ``chat_pb2.Usage``) to its log line."""
+    fields = request.scope.get("state", {}).get(NOTES)
+    if fields is None:  # not behind a RequestObserver (unit tests of one route)
+        return
+    if session:
+        fields["session"] = session
+    if usage is not None:
+        fields["prompt_tokens"] = usage.prompt_tokens
+        fields["cached_tokens"] = usage.cached_prompt_tokens
+        fields["completion_tokens"] = usage.completion_tokens
+
+
+class RequestObserver:
+    """ASGI middleware: metrics and a log line for every HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        fields: dict[str, Any] = {}
+        scope.setdefault("state", {})[NOTES] = fields
+        status = 500  # if the app fails before it answers
+        streamed = False
+        first_byte: float | None = None
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, streamed, first_byte
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streamed = content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and first_byte is None:
+                if message.get("body"):
+                    first_byte = time.monotonic()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            duration = time.monotonic() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(scope["method"], endpoint, status, duration)
+            line: dict[str, Any] = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "session": fields.get("session"),
+                "prompt_tokens": fields.get("prompt_tokens"),
+                "cached_tokens": fields.get("cached_tokens"),
+                "completion_tokens": fields.get("completion_tokens"),
+                "ttft_s": round(first_byte - started, 4) if streamed and first_byte else None,
+                "duration_s": round(duration, 4),
+            }
+            log.info(
+                "request %s",
+                " ".join(f"{key}={value}" for key, value in line.items() if value is not None),
+                extra=line,
+            )

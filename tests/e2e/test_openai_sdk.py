@@ -1,0 +1,99 @@
+"""The OpenAI-compatible endpoints used through the official ``openai`` SDK,
+as an application would, against the real core and model."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from inference_server.model_files import default_model_path
+from tests.e2e.conftest import Service
+
+MODEL = default_model_path().name.removesuffix(".gguf")
+QUESTION = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture
+def client(service: Service) -> openai.OpenAI:
+    # No retries: a refused request must show here, not be hidden by a retry.
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_list_the_served_model(client):
+    (model,) = client.models.list().data
+    assert model.id == MODEL and model.object == "model"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_a_greedy_completion_is_deterministic_and_keeps_no_session(client, service):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    (choice,) = completion.choices
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage.completion_tokens > 0 and usage.prompt_tokens > 5
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    sessions_before = httpx.get(f"{service.url}/sessions").json()["count"]
+    again = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    assert again.choices[0].message.content == choice.message.content  # greedy: deterministic
+    assert httpx.get(f"{service.url}/sessions").json()["count"] == sessions_before  # stateless
+
+
+def test_a_stream_arrives_in_chunks_and_equals_the_whole_reply(client):
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 2
+    assert "".join(pieces) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_conversation_is_the_context(client):
+    # A fact given earlier in the messages is used: the model sees them all.
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "My name is Zorblax. Remember it."},
+        {"role": "assistant", "content": "Nice to meet you, Zorblax!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=16
+    )
+    assert "Zorblax" in reply.choices[0].message.content
+
+
+def test_errors_raise_the_sdks_exceptions_with_the_servers_message(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5)
+    assert "temperature must be between 0 and 2" in bad.value.message
+    assert bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
+    assert unsupported.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert missing.value.body["code"] == "model_not_found" and MODEL in missing.value.message
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4
+        )
+    assert "context" in too_long.value.message

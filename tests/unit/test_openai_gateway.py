@@ -1,0 +1,218 @@
+"""The OpenAI-compatible endpoints over real HTTP, in front of a real gRPC
+server with the fake engine: shapes, streaming, and errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inference_server.domain import Role
+from tests.fake_engine import FAKE_N_CTX
+from tests.unit.conftest import gateway_for
+
+COMPLETIONS = "/v1/chat/completions"
+
+
+def body(**fields):
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+
+def sse_data(text: str) -> list[str]:
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_models_lists_the_served_model(http):
+    reply = await http.get("/v1/models")
+    assert reply.status_code == 200
+    listed = reply.json()
+    assert listed["object"] == "list"
+    (card,) = listed["data"]
+    assert card["id"] == "fake-model" and card["object"] == "model"
+    assert card["context_length"] == FAKE_N_CTX and isinstance(card["created"], int)
+    one = await http.get("/v1/models/fake-model")
+    assert one.status_code == 200 and one.json() == card
+
+
+async def test_completion_has_openai_shape_usage_and_finish_reason(http, engine):
+    reply = await http.post(COMPLETIONS, json=body(max_tokens=2, temperature=0, seed=3))
+    assert reply.status_code == 200
+    completion = reply.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["id"].startswith("chatcmpl-")
+    assert completion["model"] == "fake-model"
+    assert completion["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello,"},
+            "finish_reason": "length",
+            "logprobs": None,
+        }
+    ]
+    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    (request,) = engine.requests
+    assert request.sampling.max_tokens == 2 and request.sampling.temperature == 0
+    assert request.sampling.seed == 3 and request.sampling.top_p is None
+
+
+async def test_roles_and_text_parts_reach_the_engine_and_no_session_is_kept(http, engine):
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "!"}],
+        },
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "Again"},
+    ]
+    reply = await http.post(COMPLETIONS, json=body(messages=messages))
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["finish_reason"] == "stop"
+    (request,) = engine.requests
+    assert [(m.role, m.content) for m in request.messages] == [
+        (Role.SYSTEM, "Be brief."),
+        (Role.USER, "Hi !"),
+        (Role.ASSISTANT, ""),
+        (Role.USER, "Again"),
+    ]
+    assert (await http.get("/sessions")).json()["count"] == 0
+
+
+async def test_max_completion_tokens_wins_over_max_tokens(http, engine):
+    await http.post(COMPLETIONS, json=body(max_tokens=3, max_completion_tokens=1))
+    assert engine.requests[0].sampling.max_tokens == 1
+
+
+async def test_stream_sends_chunks_then_finish_then_usage_then_done(http):
+    reply = await http.post(
+        COMPLETIONS, json=body(stream=True, stream_options={"include_usage": True})
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = sse_data(reply.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert contents == ["Hello", ",", " world", "!"]
+    finish = chunks[-2]["choices"][0]
+    assert finish["delta"] == {} and finish["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+
+
+async def test_stream_without_include_usage_sends_no_usage_chunk(http):
+    reply = await http.post(COMPLETIONS, json=body(stream=True))
+    chunks = [json.loads(event) for event in sse_data(reply.text)[:-1]]
+    assert all("usage" not in chunk for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_error_mid_stream_is_an_openai_error_event_then_done(http, engine):
+    engine.fail_after = 2
+    reply = await http.post(COMPLETIONS, json=body(stream=True))
+    events = sse_data(reply.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "the model fell over" in error["message"]
+
+
+def assert_openai_error(reply, status: int, kind: str, *words: str, param=None, code=None):
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == kind
+    assert all(word in error["message"] for word in words), error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"n": 2}, "n", ["n=1"]),
+        ({"stop": ["\n"]}, "stop", ["stop sequences"]),
+        ({"tools": [{"type": "function"}]}, "tools", ["tools"]),
+        ({"logprobs": True}, "logprobs", ["logprobs"]),
+        ({"response_format": {"type": "json_object"}}, "response_format", ["text"]),
+        ({"presence_penalty": 0.5}, "presence_penalty", ["penalties"]),
+    ],
+)
+async def test_unsupported_parameters_are_400_naming_them(http, engine, fields, param, words):
+    reply = await http.post(COMPLETIONS, json=body(**fields))
+    assert_openai_error(reply, 400, "invalid_request_error", *words, param=param)
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"temperature": 3}, ["temperature must be between 0 and 2, got 3"]),
+        ({"max_tokens": 0}, ["max_tokens must be between 1"]),
+        ({"messages": []}, ["at least one message"]),
+        ({"messages": [{"role": "user", "content": "  "}]}, ["every message is empty"]),
+        ({"messages": [{"role": "tool", "content": "x"}]}, ["messages[0].role", "'tool'"]),
+        ({"messages": [{"role": "user", "content": "x" * FAKE_N_CTX}]}, ["context"]),
+    ],
+)
+async def test_bad_values_are_400_in_openai_shape(http, fields, words):
+    reply = await http.post(COMPLETIONS, json=body(**fields))
+    assert_openai_error(reply, 400, "invalid_request_error", *words)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"{not json", ["JSON decode error"]),
+        (json.dumps({"messages": []}).encode(), ["model", "Field required"]),
+        (json.dumps(body(temperature="hot")).encode(), ["temperature"]),
+    ],
+)
+async def test_malformed_bodies_are_400_in_openai_shape(http, content, words):
+    reply = await http.post(
+        COMPLETIONS, content=content, headers={"Content-Type": "application/json"}
+    )
+    assert_openai_error(reply, 400, "invalid_request_error", *words)
+
+
+async def test_an_unknown_model_is_404_model_not_found(http, engine):
+    reply = await http.post(COMPLETIONS, json=body(model="gpt-4o"))
+    assert_openai_error(
+        reply, 404, "not_found_error", "'gpt-4o'", "'fake-model'", param="model",
+        code="model_not_found",
+    )  # fmt: skip
+    assert engine.requests == []
+    assert (await http.get("/v1/models/gpt-4o")).status_code == 404
+
+
+async def test_overload_is_429_rate_limit_error_with_retry_after(http, engine):
+    engine.overloaded = True
+    reply = await http.post(COMPLETIONS, json=body())
+    assert_openai_error(reply, 429, "rate_limit_error")
+    assert reply.headers["retry-after"] == "1"
+
+
+async def test_model_loading_is_503_in_openai_shape(http, engine):
+    engine.ready = False
+    reply = await http.post(COMPLETIONS, json=body(model="fake-model"))
+    assert_openai_error(reply, 503, "service_unavailable")
+
+
+async def test_unknown_v1_paths_are_404_in_openai_shape_and_others_keep_detail(http):
+    assert_openai_error(await http.get("/v1/nothing"), 404, "not_found_error")
+    assert (await http.get("/nothing")).json() == {"detail": "Not Found"}
+
+
+async def test_a_missing_api_key_is_401_in_openai_shape_on_v1_only(core):
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", api_key="k") as http:
+        reply = await http.post(COMPLETIONS, json=body())
+        assert_openai_error(reply, 401, "authentication_error", code="invalid_api_key")
+        assert "detail" in (await http.get("/sessions")).json()
+        authorized = await http.post(
+            COMPLETIONS, json=body(), headers={"Authorization": "Bearer k"}
+        )
+        assert authorized.status_code == 200
