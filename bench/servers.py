@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -28,7 +29,8 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}")
+            command = cast("list[str]", process.args)  # every process here starts from a list
+            raise RuntimeError(f"{command[:3]} exited with {process.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import httpx
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
+
+if TYPE_CHECKING:  # llama_cpp itself is imported only by the target that uses it
+    from llama_cpp.llama_types import (
+        ChatCompletionRequestMessage,
+        CreateChatCompletionStreamResponse,
+    )
 
 HISTORY_EXCHANGES = 5
 
@@ -181,13 +189,15 @@ class HighLevelLlama(_ClientHistory):
     def turn(self, session: str, message: str, max_tokens: int) -> Timing:
         timing = Timing(time.perf_counter())
         pieces = []
-        for chunk in self._llm.create_chat_completion(
-            self._messages(session, message),
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-        ):
-            if text := chunk["choices"][0]["delta"].get("content"):
+        # Role/content dicts: the shape of llama_cpp's message TypedDicts.
+        messages = cast("list[ChatCompletionRequestMessage]", self._messages(session, message))
+        chunks = self._llm.create_chat_completion(
+            messages, max_tokens=max_tokens, temperature=0.0, stream=True
+        )
+        # Its return type is not overloaded on ``stream``: with True, the chunks.
+        for chunk in cast("Iterator[CreateChatCompletionStreamResponse]", chunks):
+            text = chunk["choices"][0]["delta"].get("content")
+            if isinstance(text, str) and text:  # an empty delta has no content
                 timing.arrivals.append(time.perf_counter())
                 pieces.append(text)
         self._remember(session, message, "".join(pieces))

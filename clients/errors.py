@@ -45,5 +45,5 @@ def from_http(status: int, detail: object) -> ChatAPIError:
 
 
 def from_grpc(error: grpc.RpcError) -> ChatAPIError:
-    code = error.code()  # type: ignore[attr-defined]
-    return _BY_GRPC_CODE.get(code, ChatAPIError)(error.details() or code.name)  # type: ignore[attr-defined]
+    code = error.code()
+    return _BY_GRPC_CODE.get(code, ChatAPIError)(error.details() or code.name)

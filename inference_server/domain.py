@@ -65,6 +65,8 @@ class CompletionRequest:
 
     messages: tuple[Message, ...]
     sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    """The reply ends before the first of these appears in it."""
 
 
 @dataclass(frozen=True)

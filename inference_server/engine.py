@@ -10,9 +10,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -34,6 +35,7 @@ from .metrics import EngineMetrics
 from .scheduler import BatchScheduler, Generation, Job
 from .sessions import SessionStore
 from .settings import ServerSettings
+from .stop_sequences import StopSequences
 from .validation import resolve_completion_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ EXPIRY_INTERVAL_S = 60.0
 class Engine(Protocol):
     """What the gRPC servicer needs from an engine."""
 
-    def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
         """Yield the reply as ``TextDelta``s, then one ``ChatResult``.
 
         The exchange is added to the session's history before the result is
@@ -73,7 +75,7 @@ class Engine(Protocol):
         """Ids of all sessions, least recently used first."""
         ...
 
-    def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+    def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         """Reply to a whole conversation, as ``chat_stream`` does, keeping
         nothing; the result's ``session_id`` is ``None``."""
         ...
@@ -91,7 +93,7 @@ class Engine(Protocol):
         ...
 
 
-async def collect(events: AsyncIterator[ChatEvent]) -> ChatResult:
+async def collect(events: AsyncGenerator[ChatEvent, None]) -> ChatResult:
     """Run a ``chat_stream`` to its end and return its result."""
     async with aclosing(events) as stream:
         async for event in stream:
@@ -268,7 +270,7 @@ class LlamaEngine:
         finally:
             self._in_flight -= 1
 
-    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
         arrived = time.monotonic()
         runtime = self._require_runtime()
         sampling = resolve_sampling(request, self._settings, runtime.n_ctx)
@@ -288,7 +290,7 @@ class LlamaEngine:
         sampling: Sampling,
         session_id: str,
         arrived: float,
-    ) -> AsyncIterator[ChatEvent]:
+    ) -> AsyncGenerator[ChatEvent, None]:
         # From here on a clear of this session keeps this turn out of its history.
         self._cleared_while_generating[session_id] = False
         try:
@@ -306,13 +308,14 @@ class LlamaEngine:
         finally:
             self._cleared_while_generating.pop(session_id, None)
 
-    async def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+    async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         arrived = time.monotonic()
         runtime = self._require_runtime()
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
         async with self._admitted():
             prompt = await asyncio.to_thread(self._tokenize_conversation, runtime, request.messages)
-            async with aclosing(self._generate(prompt, sampling, None, arrived)) as events:
+            stops = StopSequences(request.stop) if request.stop else None
+            async with aclosing(self._generate(prompt, sampling, None, arrived, stops)) as events:
                 async for event in events:
                     yield event if isinstance(event, TextDelta) else _result(None, prompt, event)
 
@@ -320,10 +323,17 @@ class LlamaEngine:
         return await collect(self.complete_stream(request))
 
     async def _generate(
-        self, prompt: list[int], sampling: Sampling, session_id: str | None, arrived: float
-    ) -> AsyncIterator[TextDelta | Generation]:
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        session_id: str | None,
+        arrived: float,
+        stops: StopSequences | None = None,
+    ) -> AsyncGenerator[TextDelta | Generation, None]:
         """Run one job on the scheduler: its pieces as ``TextDelta``s, then its
-        ``Generation``. Closing early cancels it within one token."""
+        ``Generation``. Closing early cancels it within one token. With
+        ``stops``, the reply ends before the first stop sequence: the job is
+        cancelled there and its ``Generation`` says STOP with the text before it."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         outcome: asyncio.Future[Generation] = loop.create_future()
@@ -345,12 +355,24 @@ class LlamaEngine:
         self._scheduler.submit(job)
         try:
             while (piece := await pieces.get()) is not None:
-                yield TextDelta(piece)
+                if stops is None:
+                    yield TextDelta(piece)
+                    continue
+                if released := stops.feed(piece):
+                    yield TextDelta(released)
+                if stops.stopped:
+                    job.cancelled.set()
+                    self._scheduler.wake()
         finally:
             # Closed early (client gone): stop generating within one token.
             job.cancelled.set()
             self._scheduler.wake()
-        yield await outcome
+        generation = await outcome
+        if stops is not None and stops.stopped:
+            generation = replace(generation, text=stops.text, finish_reason=FinishReason.STOP)
+        elif stops is not None and (rest := stops.flush()):
+            yield TextDelta(rest)
+        yield generation
 
     def _finished(
         self,

@@ -89,6 +89,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         if (
             handler is None
             or handler.request_streaming
+            or handler.request_deserializer is None  # raw bytes: nothing to parse
             or not handler_call_details.method.startswith(CHAT_SERVICE_PREFIX)
         ):
             return handler

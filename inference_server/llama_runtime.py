@@ -19,9 +19,11 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from .domain import Sampling
 
@@ -189,7 +191,8 @@ class LlamaRuntime:
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Apply the model's chat template (in Jinja2's sandbox) and tokenize."""
-        rendered = self._formatter(messages=messages)
+        # Role/content dicts: the shape of llama_cpp's message TypedDicts.
+        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
         return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
 
     def piece(self, token: int) -> bytes:

@@ -48,11 +48,11 @@ class EngineMetrics:
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             metric = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
-            return metric.labels(model_name)  # type: ignore[no-any-return]
+            return metric.labels(model_name)
 
         def counter(name: str, doc: str) -> Counter:
             metric = Counter(PREFIX + name, doc, labels, registry=self.registry)
-            return metric.labels(model_name)  # type: ignore[no-any-return]
+            return metric.labels(model_name)
 
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds",

@@ -240,11 +240,11 @@ class BatchScheduler:
         generating = [item for item in running if item.next_token is not None]
         prefilling = [item for item in running if item.next_token is None]
         for item in generating:
+            token = item.next_token
+            assert token is not None  # what makes it generating
             sampled.append((item, len(entries)))
-            entries.append(
-                BatchEntry(item.next_token, len(item.slot.tokens), item.slot.sequence, True)
-            )
-            evaluated.append((item, [item.next_token]))
+            entries.append(BatchEntry(token, len(item.slot.tokens), item.slot.sequence, True))
+            evaluated.append((item, [token]))
         for item in prefilling:
             room = runtime.n_batch - len(entries)
             if room <= 0:

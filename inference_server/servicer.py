@@ -110,7 +110,9 @@ def completion_of(
                 f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
             )
         messages.append(domain.Message(role, message.content))
-    return domain.CompletionRequest(messages=tuple(messages), sampling=sampling_of(request))
+    return domain.CompletionRequest(
+        messages=tuple(messages), sampling=sampling_of(request), stop=tuple(request.stop)
+    )
 
 
 def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:

@@ -12,6 +12,8 @@ from .settings import ServerSettings
 
 # Ids are UUIDs unless a client picks its own; this bounds what one may pick.
 MAX_SESSION_ID_CHARS = 256
+# As OpenAI's API allows.
+MAX_STOP_SEQUENCES = 4
 
 
 def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int) -> Sampling:
@@ -40,6 +42,12 @@ def resolve_completion_sampling(
         raise InvalidRequest("messages must hold at least one message")
     if not any(message.content.strip() for message in request.messages):
         raise InvalidRequest("every message is empty")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"
+        )
+    if not all(request.stop):
+        raise InvalidRequest("stop sequences must not be empty")
     return _with_defaults(request.sampling, settings, n_ctx)
 
 

@@ -8,7 +8,7 @@ endpoints under ``/v1/`` answer OpenAI's ``{"error": {"message", "type",
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -73,7 +73,7 @@ def error_response(
     status: int,
     message: str,
     *,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     param: str | None = None,
     code: str | None = None,
 ) -> JSONResponse:

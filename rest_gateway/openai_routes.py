@@ -61,7 +61,6 @@ def refuse_unsupported(body: oa.ChatCompletionRequest) -> None:
     """A 400 naming the first parameter that asks for what this server cannot do."""
     checks: list[tuple[str, bool, str]] = [
         ("n", body.n not in (None, 1), "only n=1 is supported"),
-        ("stop", bool(body.stop), "stop sequences are not supported"),
         ("tools", bool(body.tools or body.functions), "tools and functions are not supported"),
         ("tool_choice", body.tool_choice not in (None, "none"), "tools are not supported"),
         ("logprobs", bool(body.logprobs or body.top_logprobs), "logprobs are not supported"),
@@ -103,6 +102,7 @@ def completion_fields(body: oa.ChatCompletionRequest) -> dict[str, Any]:
             else body.max_tokens
         ),
         "seed": body.seed,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
     }
     return {name: value for name, value in fields.items() if value is not None}
 

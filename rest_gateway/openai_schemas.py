@@ -2,7 +2,7 @@
 
 Only what this server does is accepted: a request asking for something it
 cannot do (several choices, tools, log probabilities, a JSON response format,
-stop sequences) is refused with a 400 that names the parameter, rather than
+penalties) is refused with a 400 that names the parameter, rather than
 silently answered without it. Fields OpenAI's SDKs send that change nothing
 here (``user``, ``metadata``, zero penalties) are accepted and ignored.
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from inference_server.domain import (
     ChatEvent,
@@ -49,7 +49,7 @@ class FakeEngine:
         self.store = InMemorySessionStore(Retention(window=5, max_sessions=100, ttl_s=0))
         self.settings = ServerSettings()
 
-    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+    async def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
         if not self.ready:
             raise EngineNotReady()
         if self.overloaded:
@@ -67,7 +67,7 @@ class FakeEngine:
         self.store.append(session_id, Exchange(request.message, text))
         yield ChatResult(session_id, text, finish, len(request.message), len(pieces))
 
-    async def complete_stream(self, request: CompletionRequest) -> AsyncIterator[ChatEvent]:
+    async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         """One character of the conversation's contents counts as one prompt token."""
         if not self.ready:
             raise EngineNotReady()

@@ -69,7 +69,7 @@ def wait_healthy(
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args} exited with {process.returncode}")
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == expected_status:
                 return

@@ -3,6 +3,8 @@ as an application would, against the real core and model."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import openai
 import pytest
@@ -12,6 +14,12 @@ from tests.e2e.conftest import Service
 
 MODEL = default_model_path().name.removesuffix(".gguf")
 QUESTION = [{"role": "user", "content": "Name a colour."}]
+
+
+def error_body(error: openai.APIError) -> dict[str, Any]:
+    """The error object the SDK decoded from the response (typed ``object``)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
 
 
 @pytest.fixture
@@ -85,15 +93,39 @@ def test_errors_raise_the_sdks_exceptions_with_the_servers_message(client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5)
     assert "temperature must be between 0 and 2" in bad.value.message
-    assert bad.value.body["type"] == "invalid_request_error"
+    assert error_body(bad.value)["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as unsupported:
         client.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
-    assert unsupported.value.body["param"] == "n"
+    assert error_body(unsupported.value)["param"] == "n"
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
-    assert missing.value.body["code"] == "model_not_found" and MODEL in missing.value.message
+    assert error_body(missing.value)["code"] == "model_not_found" and MODEL in missing.value.message
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4
         )
     assert "context" in too_long.value.message
+
+
+def test_stop_sequences_end_the_reply_before_them_streamed_or_not(client):
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    text = whole.choices[0].message.content
+    assert text is not None
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = f" {words[2]}"  # a sequence from the middle of the greedy reply
+    expected = text[: text.index(stop)]
+    cut = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, stop=[stop]
+    )
+    assert cut.choices[0].message.content == expected
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, stop=stop, stream=True
+    )
+    chunks = list(streamed)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"

@@ -94,10 +94,10 @@ def test_kill_9_mid_stream_and_restart_keep_every_acknowledged_exchange(tmp_path
     after = start_both(env, tmp_path, "after-")
     try:
         assert snapshot(after.url) == acknowledged  # nothing lost, no half exchange
-        reply = chat(after.url, "One more?", session_id=ids[0], max_tokens=8)
+        answer = chat(after.url, "One more?", session_id=ids[0], max_tokens=8)
         window = snapshot(after.url)[ids[0]]
         assert window[:2] == acknowledged[ids[0]]
-        assert window[2] == {"user": "One more?", "assistant": reply["response"]}
+        assert window[2] == {"user": "One more?", "assistant": answer["response"]}
     finally:
         assert (stop(after.gateway), stop(after.core)) == (0, 0)
 
@@ -246,11 +246,13 @@ def test_bad_calls_over_grpc_get_their_status_never_internal(
         path = f"/llamachat.v1.ChatService/{method}"
         with pytest.raises(grpc.RpcError) as caught:
             if method == "ChatStream":
-                list(channel.unary_stream(path)(payload, timeout=30))
+                stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+                list(stream(payload, timeout=30))
             else:
-                channel.unary_unary(path)(payload, timeout=30)
+                unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+                unary(payload, timeout=30)
     assert caught.value.code() == code
-    assert detail.lower() in caught.value.details().lower()
+    assert detail.lower() in (caught.value.details() or "").lower()
 
 
 def test_there_are_at_least_30_bad_inputs_per_protocol():
@@ -306,7 +308,7 @@ def test_a_core_restarted_under_a_running_gateway_is_used_again_without_a_gatewa
 ):
     env = service_env(free_port(), free_port(), tmp_path)
     service = start_both(env, tmp_path, "first-")
-    body = {"message": "Hi", "max_tokens": 3}
+    body: dict[str, Any] = {"message": "Hi", "max_tokens": 3}
     try:
         session = chat(service.url, **body)["session_id"]
         service.core.kill()

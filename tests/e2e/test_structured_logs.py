@@ -18,7 +18,7 @@ def json_lines(log: Path) -> list[dict]:
     return [json.loads(line) for line in lines]  # every line is JSON, or this fails
 
 
-def run_requests(env: dict[str, str], logs: Path) -> tuple[dict, int]:
+def run_requests(env: dict[str, str], logs: Path) -> tuple[dict, tuple[int, int]]:
     running = start_both(env, logs)
     try:
         chat = httpx.post(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from functools import partial
 
@@ -31,6 +31,18 @@ def scheduler() -> Iterator[BatchScheduler]:
     scheduler.stop()
 
 
+def settle(future: Future[Generation]) -> Callable[[Generation | BaseException], None]:
+    """A job's ``on_done`` that resolves ``future`` with its generation or its error."""
+
+    def on_done(outcome: Generation | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    return on_done
+
+
 def run(scheduler: BatchScheduler, prompt: list[int], cancel_after_pieces: int) -> Generation:
     done: Future[Generation] = Future()
     pieces: list[str] = []
@@ -40,7 +52,7 @@ def run(scheduler: BatchScheduler, prompt: list[int], cancel_after_pieces: int) 
         if len(pieces) == cancel_after_pieces:
             job.cancelled.set()
 
-    job = Job(None, prompt, GREEDY, on_piece, done.set_result)
+    job = Job(None, prompt, GREEDY, on_piece, settle(done))
     scheduler.submit(job)
     generation = done.result(timeout=120)
     assert generation.text == "".join(pieces)
@@ -69,7 +81,7 @@ def test_a_prompt_being_evaluated_stops_at_the_next_chunk(scheduler):
 
     runtime.decode = decode_then_cancel
     done: Future[Generation] = Future()
-    job = Job(None, prompt, GREEDY, lambda piece: None, done.set_result)
+    job = Job(None, prompt, GREEDY, lambda piece: None, settle(done))
     scheduler.submit(job)
     generation = done.result(timeout=120)
     runtime.decode = original
@@ -89,12 +101,13 @@ def test_jobs_waiting_when_every_running_job_ends_in_one_step_are_served():
         partial(load_runtime, settings, default_model_path(), RecordingRuntime), saved_state_bytes=0
     )
     runtime = scheduler.start().result()
+    assert isinstance(runtime, RecordingRuntime)
     try:
         prompt = runtime.tokenize_chat([{"role": "user", "content": "Hi"}])
         one_token = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, seed=None)
         done: list[Future[Generation]] = [Future() for _ in range(8)]
         for future in done:
-            scheduler.submit(Job(None, prompt, one_token, lambda piece: None, future.set_result))
+            scheduler.submit(Job(None, prompt, one_token, lambda piece: None, settle(future)))
         generations = [future.result(timeout=60) for future in done]
     finally:
         scheduler.stop()

@@ -6,10 +6,11 @@ from __future__ import annotations
 import jinja2.sandbox
 import pytest
 from jinja2.exceptions import SecurityError
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from inference_server.llama_runtime import CHATML_TEMPLATE, chat_formatter
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionRequestMessage] = [{"role": "user", "content": "hi"}]
 
 
 def render(template: str) -> str:

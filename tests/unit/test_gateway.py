@@ -121,7 +121,7 @@ async def test_client_disconnect_mid_stream_cancels_generation(http, engine):
     engine.hang_after = 2
     async with http.stream("POST", "/chat/stream", json={"message": "Hi"}) as reply:
         lines = reply.aiter_lines()
-        tokens = []
+        tokens: list[str] = []
         while len(tokens) < 2:
             line = await anext(lines)
             if line.startswith("data: "):

@@ -78,6 +78,19 @@ async def test_roles_and_text_parts_reach_the_engine_and_no_session_is_kept(http
     assert (await http.get("/sessions")).json()["count"] == 0
 
 
+@pytest.mark.parametrize(("stop", "passed"), [("\n", ("\n",)), (["a", "b"], ("a", "b"))])
+async def test_stop_sequences_reach_the_engine(http, engine, stop, passed):
+    assert (await http.post(COMPLETIONS, json=body(stop=stop))).status_code == 200
+    assert engine.requests[0].stop == passed
+
+
+async def test_more_than_four_or_empty_stop_sequences_are_400(http):
+    too_many = await http.post(COMPLETIONS, json=body(stop=list("abcde")))
+    assert_openai_error(too_many, 400, "invalid_request_error", "at most 4")
+    empty = await http.post(COMPLETIONS, json=body(stop=[""]))
+    assert_openai_error(empty, 400, "invalid_request_error", "must not be empty")
+
+
 async def test_max_completion_tokens_wins_over_max_tokens(http, engine):
     await http.post(COMPLETIONS, json=body(max_tokens=3, max_completion_tokens=1))
     assert engine.requests[0].sampling.max_tokens == 1
@@ -135,7 +148,6 @@ def assert_openai_error(reply, status: int, kind: str, *words: str, param=None, 
     ("fields", "param", "words"),
     [
         ({"n": 2}, "n", ["n=1"]),
-        ({"stop": ["\n"]}, "stop", ["stop sequences"]),
         ({"tools": [{"type": "function"}]}, "tools", ["tools"]),
         ({"logprobs": True}, "logprobs", ["logprobs"]),
         ({"response_format": {"type": "json_object"}}, "response_format", ["text"]),

@@ -50,7 +50,7 @@ async def test_grpc_without_the_key_is_unauthenticated(locked_stub, engine, meta
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "API key" in caught.value.details()
+        assert "API key" in (caught.value.details() or "")
     stream = locked_stub.ChatStream(chat_pb2.ChatStreamRequest(message="hi"), metadata=metadata)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         [m async for m in stream]
@@ -134,7 +134,7 @@ async def test_request_bytes_that_do_not_parse_are_invalid_argument(channel, met
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await channel.unary_unary(call)(payload)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "is not a valid" in caught.value.details()
+    assert "is not a valid" in (caught.value.details() or "")
 
 
 async def test_get_session_returns_the_kept_exchanges_or_not_found(stub, http):

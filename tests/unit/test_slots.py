@@ -3,7 +3,7 @@ llama.cpp's sequence memory (the real one: tests/integration/test_batching.py)."
 
 from __future__ import annotations
 
-from inference_server.slots import SlotTable, common_prefix_length
+from inference_server.slots import Slot, SlotTable, common_prefix_length
 
 
 class Memory:
@@ -25,9 +25,10 @@ class Memory:
         return True
 
 
-def used(table: SlotTable, session: str, tokens: list[int]):
+def used(table: SlotTable, session: str, tokens: list[int]) -> Slot:
     """A finished turn of ``session`` that left ``tokens`` in its slot."""
     slot = table.acquire(session)
+    assert slot is not None
     slot.tokens = list(tokens)
     slot.busy = False
     return slot
@@ -86,11 +87,12 @@ def test_an_evicted_session_is_saved_then_restored_within_the_budget():
     used(table, "d", [5])  # evicts c: saved, a (the oldest) dropped
     assert table.saved_sessions == ["b", "c"]
     slot = table.acquire("b")
-    assert slot.tokens == [3]
+    assert slot is not None and slot.tokens == [3]
     assert memory.calls[-1] == ("restore", slot.sequence)
     assert table.saved_sessions == ["c", "d"]  # d left the slot for b
     slot.busy = False
-    assert table.acquire("a").tokens == []  # dropped: evaluated again
+    dropped = table.acquire("a")
+    assert dropped is not None and dropped.tokens == []  # dropped: evaluated again
 
 
 def test_no_budget_saves_nothing():
