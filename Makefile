@@ -58,8 +58,8 @@ $(NODE_TOOLS): package.json package-lock.json
 CHROMIUM := /usr/bin/chromium
 
 $(CHROMIUM):
-	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
-	 else sudo apt-get update -q && sudo apt-get install -y -q chromium; fi
+	SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
 
 setup: $(VENV)/.dev $(NODE_CLIENT) $(NODE_TOOLS) $(CHROMIUM)
 

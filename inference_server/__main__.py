@@ -6,22 +6,17 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
+
+from llamachat_process.cli import program_name
+from llamachat_process.logs import configure_logging
 
 from .assembly import build_engine
 from .errors import ModelLoadError, SessionStoreError
-from .log_setup import configure_logging
 from .model_files import resolve_model_path
 from .server import AddressInUse, TlsFiles, create_server
 from .settings import ServerSettings
 
 log = logging.getLogger("inference_server")
-
-
-def program_name(module: str) -> str:
-    """How the user started us: ``python -m MODULE``, or a console command's name."""
-    started_as = Path(sys.argv[0]).name
-    return f"python -m {module}" if started_as == "__main__.py" else started_as
 
 
 def parse_settings(argv: list[str]) -> ServerSettings:

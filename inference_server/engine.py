@@ -442,7 +442,7 @@ class LlamaEngine:
         )
 
     async def metrics_text(self) -> str:
-        sessions = len(await self.list_sessions()) if not self._closed else 0
+        sessions = await self._in_store(self._store.count) if not self._closed else 0
         return self.metrics.exposition(sessions)
 
 

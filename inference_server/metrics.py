@@ -118,10 +118,11 @@ class EngineMetrics:
         cancelled = generation.finish_reason is FinishReason.CANCELLED
         reason = "abort" if cancelled else generation.finish_reason.value
         self._finished.labels(self._model, reason).inc()
-        self.prompt_tokens.inc(prompt_tokens)
+        if generation.admitted:  # a prompt never evaluated is not counted (as vLLM)
+            self.prompt_tokens.inc(prompt_tokens)
+            self.prefix_cache_queries.inc(prompt_tokens)
+            self.prefix_cache_hits.inc(generation.cached_tokens)
         self.generation_tokens.inc(generation.completion_tokens)
-        self.prefix_cache_queries.inc(prompt_tokens)
-        self.prefix_cache_hits.inc(generation.cached_tokens)
         self.request_queue_time.observe(generation.queue_time_s)
         self.e2e_request_latency.observe(latency_s)
 

@@ -49,6 +49,8 @@ class Generation:
     """Prompt tokens found in the KV cache, not evaluated again."""
     queue_time_s: float = 0.0
     """Time from ``submit`` until a slot was free (until the end if it never was)."""
+    admitted: bool = True
+    """Whether it had a slot (its prompt was looked up and evaluated)."""
 
 
 @dataclass(eq=False)
@@ -72,7 +74,8 @@ class Job:
 
     def never_admitted(self) -> Generation:
         """How a job that ended before it had a slot ended."""
-        return Generation("", FinishReason.CANCELLED, 0, 0, time.monotonic() - self.submitted_at)
+        waited = time.monotonic() - self.submitted_at
+        return Generation("", FinishReason.CANCELLED, 0, 0, waited, admitted=False)
 
 
 @dataclass(eq=False)

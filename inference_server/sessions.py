@@ -65,6 +65,10 @@ class SessionStore(Protocol):
         """All session ids, least recently used first."""
         ...
 
+    def count(self) -> int:
+        """How many sessions there are."""
+        ...
+
     def expire(self) -> list[str]:
         """Remove the sessions idle for longer than the TTL; returns their ids."""
         ...
@@ -102,6 +106,9 @@ class InMemorySessionStore:
 
     def session_ids(self) -> list[str]:
         return list(self._sessions)
+
+    def count(self) -> int:
+        return len(self._sessions)
 
     def expire(self) -> list[str]:
         if not self._retention.ttl_s:
@@ -224,6 +231,11 @@ class SqliteSessionStore:
         with self._transaction(writes=False) as db:
             rows = db.execute("SELECT id FROM sessions ORDER BY use_order").fetchall()
         return [row[0] for row in rows]
+
+    def count(self) -> int:
+        with self._transaction(writes=False) as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        return int(count)
 
     def expire(self) -> list[str]:
         if not self._retention.ttl_s:

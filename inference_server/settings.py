@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .log_setup import LogFormat
+from llamachat_process.logs import LogFormat
 
 
 class ServerSettings(BaseSettings):

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from inference_server.__main__ import program_name
-from inference_server.log_setup import configure_logging
+from llamachat_process.cli import program_name
+from llamachat_process.logs import configure_logging
 
 from .app import create_app
 from .settings import GatewaySettings

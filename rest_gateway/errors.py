@@ -8,6 +8,7 @@ endpoints under ``/v1/`` answer OpenAI's ``{"error": {"message", "type",
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,7 +83,15 @@ def error_response(
         content = openai_error(status, message, param=param, code=code)
     else:
         content = {"detail": message}
-    return JSONResponse(status_code=status, content=content, headers=headers)
+    return AsciiJSONResponse(status_code=status, content=content, headers=headers)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped, so that an error which
+    quotes the request (a lone surrogate included) can always be sent."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def detail_of(error: grpc.aio.AioRpcError) -> str:

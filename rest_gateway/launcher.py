@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -33,11 +34,21 @@ STOP_TIMEOUT_S = 30.0
 def start(module: str, *args: str) -> subprocess.Popen[bytes]:
     """Run ``python -m module`` in the caller's working directory (so relative
     model paths mean what the user meant), importing the very packages this one
-    came from, whether a checkout or an installed copy."""
-    path = os.pathsep.join(p for p in (str(PACKAGES_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args], env={**os.environ, "PYTHONPATH": path}
-    )
+    came from, whether a checkout or an installed copy. An installed copy is on
+    the interpreter's own path already; a checkout's root is put on PYTHONPATH
+    (never site-packages, which would come before the standard library)."""
+    env = dict(os.environ)
+    if not installed():
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PACKAGES_ROOT), os.environ.get("PYTHONPATH")) if p
+        )
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env)
+
+
+def installed() -> bool:
+    """Whether this package was imported from the interpreter's site-packages."""
+    paths = sysconfig.get_paths()
+    return any(Path(paths[key]).resolve() == PACKAGES_ROOT for key in ("purelib", "platlib"))
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:

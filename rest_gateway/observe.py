@@ -20,6 +20,7 @@ from .metrics import GatewayMetrics
 log = logging.getLogger("rest_gateway.requests")
 
 NOTES = "observed"
+CLIENT_CLOSED = 499
 
 
 def note(request: Request, *, session: str | None = None, usage: Any = None) -> None:
@@ -50,23 +51,28 @@ class RequestObserver:
         fields: dict[str, Any] = {}
         scope.setdefault("state", {})[NOTES] = fields
         status = 500  # if the app fails before it answers
-        streamed = False
+        streamed = completed = False
         first_byte: float | None = None
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, streamed, first_byte
+            nonlocal status, streamed, completed, first_byte
             if message["type"] == "http.response.start":
                 status = message["status"]
                 content_type = dict(message.get("headers", [])).get(b"content-type", b"")
                 streamed = content_type.startswith(b"text/event-stream")
-            elif message["type"] == "http.response.body" and first_byte is None:
-                if message.get("body"):
+            elif message["type"] == "http.response.body":
+                if first_byte is None and message.get("body"):
                     first_byte = time.monotonic()
+                completed = not message.get("more_body", False)
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            if not completed and status < 400:
+                # The response began but never ended: the client went away
+                # mid-stream (499, as nginx logs it), not a 200.
+                status = CLIENT_CLOSED
             duration = time.monotonic() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"

@@ -49,12 +49,14 @@ ROLES = {
     "assistant": chat_pb2.ROLE_ASSISTANT,
 }
 
-# A generation the core stopped (shutting down) ends like a finished one.
 FINISH_REASONS = {
     chat_pb2.FINISH_REASON_STOP: "stop",
     chat_pb2.FINISH_REASON_LENGTH: "length",
-    chat_pb2.FINISH_REASON_CANCELLED: "stop",
 }
+
+# A generation the core stopped before its end (it is shutting down) is no
+# reply at all: OpenAI's finish reasons have no word for it.
+STOPPED_EARLY = "Generation was stopped before the reply ended (the server is shutting down); retry"
 
 
 def refuse_unsupported(body: oa.ChatCompletionRequest) -> None:
@@ -87,11 +89,12 @@ def completion_fields(body: oa.ChatCompletionRequest) -> dict[str, Any]:
         if role is None:
             raise ApiError(
                 400,
-                f"messages[{index}].role: '{message.role}' is not one of "
+                f"messages[{index}].role: {message.role!r} is not one of "
                 "system, developer, user, assistant",
                 param=f"messages[{index}].role",
             )
-        messages.append(chat_pb2.Message(role=role, content=message.text()))
+        # A dict: the message is built (and its text checked) by to_grpc_message.
+        messages.append({"role": role, "content": message.text()})
     fields: dict[str, Any] = {
         "messages": messages,
         "temperature": body.temperature,
@@ -141,7 +144,7 @@ def require_model(requested: str, served: str) -> None:
     if requested != served:
         raise ApiError(
             404,
-            f"The model '{requested}' does not exist: this server serves '{served}' "
+            f"The model {requested!r} does not exist: this server serves {served!r} "
             "(see GET /v1/models)",
             param="model",
             code="model_not_found",
@@ -167,6 +170,8 @@ async def chat_completions(
         call = stub.Complete(to_grpc_message(chat_pb2.CompleteRequest, fields), **options)
         reply = await unless_disconnected(request, call, call)
         note(request, usage=reply.usage)
+        if reply.finish_reason not in FINISH_REASONS:
+            raise ApiError(503, STOPPED_EARLY)
         return oa.ChatCompletion(
             id=completion_id,
             created=created,
@@ -247,6 +252,9 @@ async def relay_chunks(
                 yield sse(chunk.delta({"content": message.text}))
                 continue
             on_usage(message.usage)
+            if message.finish_reason not in FINISH_REASONS:
+                yield sse(openai_error(503, STOPPED_EARLY))
+                break
             yield sse(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
             if include_usage:
                 yield sse(chunk.usage(message.usage))

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from inference_server.log_setup import LogFormat
+from llamachat_process.logs import LogFormat
 
 
 class GatewaySettings(BaseSettings):

@@ -42,6 +42,7 @@ class FakeEngine:
         self.overloaded = False  # refuse every chat as the real engine does past MAX_QUEUE
         self.fail_after: int | None = None  # raise after this many pieces
         self.hang_after: int | None = None  # wait for cancellation after this many pieces
+        self.stopped_early = False  # end completions as the core does when shutting down
         self.pieces_sent = 0
         self.cancelled = asyncio.Event()
         self.requests: list[ChatRequest | CompletionRequest] = []
@@ -82,6 +83,8 @@ class FakeEngine:
         async for piece in self._scripted(pieces):
             yield piece
         finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
+        if self.stopped_early:
+            finish = FinishReason.CANCELLED
         yield ChatResult(None, "".join(pieces), finish, prompt_tokens, len(pieces))
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
@@ -91,7 +94,7 @@ class FakeEngine:
         return ModelInfo(id="fake-model", context_size=FAKE_N_CTX, loaded=self.ready)
 
     async def metrics_text(self) -> str:
-        return self.metrics.exposition(len(self.store.session_ids()))
+        return self.metrics.exposition(self.store.count())
 
     async def _scripted(self, pieces: list[str]) -> AsyncIterator[TextDelta]:
         try:

@@ -39,14 +39,18 @@ def test_a_scrape_after_real_requests_counts_them(service: Service):
     with grpc.insecure_channel(service.grpc_address) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         first = stub.Chat(
-            chat_pb2.ChatRequest(message="Hi!", session_id="metrics", max_tokens=8), timeout=60
+            chat_pb2.ChatRequest(message="Hi!", session_id="metrics", max_tokens=8, temperature=0),
+            timeout=60,
         )
         second = stub.Chat(
-            chat_pb2.ChatRequest(message="And again?", session_id="metrics", max_tokens=8),
+            chat_pb2.ChatRequest(
+                message="And again?", session_id="metrics", max_tokens=8, temperature=0
+            ),
             timeout=60,
         )
     streamed = httpx.post(
-        f"{service.url}/chat/stream", json={"message": "Count to five", "max_tokens": 12}
+        f"{service.url}/chat/stream",
+        json={"message": "Count to five", "max_tokens": 12, "temperature": 0},
     )
     refused = httpx.post(f"{service.url}/chat", json={"message": "Hi", "temperature": 9})
     assert streamed.status_code == 200 and refused.status_code == 400

@@ -275,3 +275,13 @@ async def test_an_overloaded_core_is_429_with_retry_after(http, engine, path):
     assert reply.status_code == 429
     assert reply.headers["retry-after"] == "1"
     assert reply.json() == {"detail": "Server busy: 36 requests are already running or waiting"}
+
+
+async def test_the_chat_page_is_served_with_a_strict_content_security_policy(core):
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", api_key="k") as http:
+        page = await http.get("/ui")  # no key needed for the page itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    assert "connect-src 'self'" in policy
+    assert 'id="messages"' in page.text

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference_server.log_setup import configure_logging
+from llamachat_process.logs import configure_logging
 from tests.unit.conftest import gateway_for
 
 

@@ -3,8 +3,10 @@ server with the fake engine: shapes, streaming, and errors in OpenAI's shape."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 
 from inference_server.domain import Role
@@ -228,3 +230,62 @@ async def test_a_missing_api_key_is_401_in_openai_shape_on_v1_only(core):
             COMPLETIONS, json=body(), headers={"Authorization": "Bearer k"}
         )
         assert authorized.status_code == 200
+
+
+async def test_client_disconnect_mid_stream_cancels_generation_and_is_counted_499(http, engine):
+    engine.hang_after = 2
+    async with http.stream("POST", COMPLETIONS, json=body(stream=True)) as reply:
+        lines = reply.aiter_lines()
+        contents: list[str] = []
+        while len(contents) < 3:  # the role chunk, then two pieces
+            line = await anext(lines)
+            if line.startswith("data: "):
+                contents.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+    await asyncio.wait_for(engine.cancelled.wait(), timeout=5)
+    assert contents == ["", "Hello", ","] and engine.pieces_sent == 2
+    scraped = (await http.get("/metrics")).text
+    assert (
+        'llamachat:http_requests_total{endpoint="/v1/chat/completions",method="POST",'
+        'status="499"} 1.0' in scraped
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_leaving_before_the_first_token_cancels_generation(core, engine, stream):
+    engine.hang_after = 0
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}") as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(COMPLETIONS, json=body(stream=stream), timeout=0.5)
+        await asyncio.wait_for(engine.cancelled.wait(), timeout=5)
+    assert engine.pieces_sent == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (
+            '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            ["surrogates not allowed"],
+        ),
+        ('{"model": "fake-model", "messages": [{"role": "\\ud800", "content": "x"}]}', ["role"]),
+        (
+            '{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}',
+            ["does not exist"],
+        ),
+    ],
+)
+async def test_lone_surrogates_are_a_400_or_404_never_a_500(http, engine, raw, words):
+    reply = await http.post(COMPLETIONS, content=raw, headers={"Content-Type": "application/json"})
+    assert reply.status_code in (400, 404), reply.text
+    assert all(word in reply.json()["error"]["message"] for word in words)
+    assert engine.requests == []
+
+
+async def test_a_reply_the_core_stopped_early_is_503_not_a_finished_reply(http, engine):
+    engine.stopped_early = True
+    assert_openai_error(await http.post(COMPLETIONS, json=body()), 503, "service_unavailable")
+    streamed = sse_data((await http.post(COMPLETIONS, json=body(stream=True))).text)
+    assert streamed[-1] == "[DONE]"
+    assert json.loads(streamed[-2])["error"]["type"] == "service_unavailable"
+    finishes = [json.loads(e)["choices"][0]["finish_reason"] for e in streamed[:-2]]
+    assert set(finishes) == {None}

@@ -74,6 +74,7 @@ def test_sessions_are_listed_least_recently_used_first(make_store: StoreFactory)
         store.append(session, turn(0))
     store.append("a", turn(1))
     assert store.session_ids() == ["b", "c", "a"]
+    assert store.count() == 3
 
 
 def test_past_max_sessions_the_least_recently_used_are_removed(make_store: StoreFactory):

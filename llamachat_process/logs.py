@@ -1,5 +1,4 @@
-"""Logging of both processes (the core, and the gateway, which imports this
-module alone): the level, and text or JSON lines.
+"""Logging of both processes: the level, and text or JSON lines.
 
 Each request ends in one log line whose fields (session, status, tokens,
 time to first token, duration) are passed as ``extra``. As text they are
