@@ -219,7 +219,7 @@ class BatchScheduler:
     ) -> None:
         while waiting:
             job = waiting[0]
-            slot = slots.acquire(job.session)
+            slot = slots.acquire(job.session, job.prompt)
             if slot is None:
                 return  # every slot is busy; the oldest job waits for the first to free
             waiting.popleft()

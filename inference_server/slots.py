@@ -4,7 +4,9 @@ A slot is one llama.cpp sequence. A session keeps its slot between turns, so
 its next turn evaluates only the tokens its cached prefix lacks. When a job
 needs a slot and none is free, the least recently used idle slot is taken;
 its KV cells may be saved in RAM (up to a byte budget, least recently saved
-dropped first) and restored when their session comes back.
+dropped first) and restored when their session comes back. A job with no
+slot of its own first looks for an idle slot that no session holds and whose
+cells begin as its prompt does (a stateless completion's previous turn).
 
 Used only on the scheduler's thread.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,12 +76,15 @@ class SlotTable:
     def saved_sessions(self) -> list[str]:
         return list(self._saved)
 
-    def acquire(self, session: str | None) -> Slot | None:
-        """A slot for a job of ``session`` (``None``: none kept), marked busy;
-        ``None`` when every slot is busy."""
+    def acquire(self, session: str | None, prompt: Sequence[int] = ()) -> Slot | None:
+        """A slot for a job of ``session`` (``None``: none kept) and ``prompt``,
+        marked busy; ``None`` when every slot is busy."""
         own = next((s for s in self.slots if session is not None and s.session == session), None)
         if own is not None:
             slot = None if own.busy else own
+        elif (shared := self._sharing_prefix(session, prompt)) is not None:
+            slot = shared
+            slot.session = session
         else:
             idle = [s for s in self.slots if not s.busy]
             # Slots no session holds first, then the least recently used.
@@ -94,6 +100,22 @@ class SlotTable:
             slot.busy = True
             slot.last_used = next(self._clock)
         return slot
+
+    def _sharing_prefix(self, session: str | None, prompt: Sequence[int]) -> Slot | None:
+        """The idle slot that no session holds whose cells begin the way
+        ``prompt`` does, longest shared start first (``None``: none does, or
+        the session has a saved state of its own to restore).
+
+        A job without a session (a stateless completion, which resends its
+        whole conversation) so finds the previous turn's cells, and any new job
+        finds a system prompt evaluated before, without evicting a session.
+        """
+        if not prompt or (session is not None and session in self._saved):
+            return None
+        candidates = [s for s in self.slots if not s.busy and s.session is None and s.tokens]
+        shared = {id(s): common_prefix_length(s.tokens, list(prompt)) for s in candidates}
+        best = max(candidates, key=lambda s: (shared[id(s)], s.last_used), default=None)
+        return best if best is not None and shared[id(best)] > 0 else None
 
     def reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
         """Keep the cached tokens that begin ``prompt`` and drop the rest;

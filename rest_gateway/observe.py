@@ -23,13 +23,19 @@ NOTES = "observed"
 CLIENT_CLOSED = 499
 
 
-def note(request: Request, *, session: str | None = None, usage: Any = None) -> None:
-    """Add a request's session and token counts (a ``chat_pb2.Usage``) to its log line."""
+def note(
+    request: Request, *, session: str | None = None, usage: Any = None, delivered: bool = False
+) -> None:
+    """Add a request's session and token counts (a ``chat_pb2.Usage``) to its
+    log line; ``delivered``: a stream's last event was sent (a client that
+    closes the connection then, before the response's very end, got it all)."""
     fields = request.scope.get("state", {}).get(NOTES)
     if fields is None:  # not behind a RequestObserver (unit tests of one route)
         return
     if session:
         fields["session"] = session
+    if delivered:
+        fields["delivered"] = True
     if usage is not None:
         fields["prompt_tokens"] = usage.prompt_tokens
         fields["cached_tokens"] = usage.cached_prompt_tokens
@@ -69,7 +75,7 @@ class RequestObserver:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            if not completed and status < 400:
+            if not (completed or fields.get("delivered")) and status < 400:
                 # The response began but never ended: the client went away
                 # mid-stream (499, as nginx logs it), not a 200.
                 status = CLIENT_CLOSED

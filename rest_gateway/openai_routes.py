@@ -193,7 +193,13 @@ async def chat_completions(
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(
         relay_chunks(
-            first, messages, stream_call, chunk, include_usage, lambda u: note(request, usage=u)
+            first,
+            messages,
+            stream_call,
+            chunk,
+            include_usage,
+            on_usage=lambda usage: note(request, usage=usage),
+            on_end=lambda: note(request, delivered=True),
         ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -205,6 +211,7 @@ def usage_of(usage: chat_pb2.Usage) -> oa.CompletionUsage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=oa.PromptTokensDetails(cached_tokens=usage.cached_prompt_tokens),
     )
 
 
@@ -238,12 +245,14 @@ async def relay_chunks(
     chunk: ChunkMaker,
     include_usage: bool,
     on_usage: Callable[[chat_pb2.Usage], None],
+    on_end: Callable[[], None],
 ) -> AsyncIterator[str]:
     """The SSE stream of a ``CompleteStream`` whose first message has arrived:
     a first chunk with the role, one per piece of text, one with the finish
     reason, one with the usage if asked for, then ``[DONE]``. An error after
     the 200 was sent comes as a last ``{"error": ...}`` event, as vLLM sends it.
-    The ``finally`` cancels the call when the client goes away."""
+    ``on_end`` is called once ``[DONE]`` was sent. The ``finally`` cancels
+    the call when the client goes away."""
 
     try:
         yield sse(chunk.delta({"role": "assistant", "content": ""}))
@@ -258,9 +267,11 @@ async def relay_chunks(
             yield sse(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
             if include_usage:
                 yield sse(chunk.usage(message.usage))
+            break  # the response ends here, not when the call's status comes
         yield sse("[DONE]")
     except grpc.aio.AioRpcError as error:
         yield sse(openai_error(http_status_for(error.code()), detail_of(error)))
         yield sse("[DONE]")
     finally:
         call.cancel()
+    on_end()

@@ -48,22 +48,28 @@ async def relay(
     rest: AsyncIterator[chat_pb2.ChatStreamResponse],
     call: grpc.aio.UnaryStreamCall,
     on_done: Callable[[chat_pb2.ChatStreamResponse], None] = lambda done: None,
+    on_end: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[str]:
     """SSE lines for a stream whose first message has already arrived;
-    ``on_done`` gets the last message (session id and usage).
+    ``on_done`` gets the last message (session id and usage), and ``on_end``
+    is called once the last event was sent.
 
     When the HTTP client goes away, Starlette cancels this generator and the
     ``finally`` cancels the gRPC call, which stops generation in the core.
     """
     try:
         async for message in chain(first, rest):
-            if message.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED:
+            last = message.finish_reason != chat_pb2.FINISH_REASON_UNSPECIFIED
+            if last:
                 on_done(message)
             yield sse_event(event_of(message))
+            if last:  # the response ends here, not when the call's status comes
+                break
     except grpc.aio.AioRpcError as error:
         yield sse_event({"error": detail_of(error)})
     finally:
         call.cancel()
+    on_end()
 
 
 async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:

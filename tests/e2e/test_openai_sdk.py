@@ -129,3 +129,26 @@ def test_stop_sequences_end_the_reply_before_them_streamed_or_not(client):
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_the_next_turn_of_a_conversation_reuses_the_kv_cache(client):
+    # OpenAI clients resend the whole conversation; its previous turn's cells
+    # are found again (usage.prompt_tokens_details.cached_tokens).
+    first_turn = [{"role": "user", "content": "Tell me about the moon."}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=first_turn, temperature=0, max_tokens=16
+    )
+    assert first.usage is not None
+    second_turn = [
+        *first_turn,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And the sun?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=second_turn, temperature=0, max_tokens=16
+    )
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None
+    # At least the whole first prompt (its reply may be tokenized differently).
+    assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens

@@ -7,9 +7,13 @@ import json
 import logging
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
 
 from llamachat_process.logs import configure_logging
+from rest_gateway.metrics import GatewayMetrics
+from rest_gateway.observe import RequestObserver, note
 from tests.unit.conftest import gateway_for
 
 
@@ -101,3 +105,38 @@ def test_json_log_format_puts_the_fields_in_the_object(capsys):
     assert (line["status"], line["session"], line["ttft_s"]) == (200, "s1", 0.25)
     assert (line["level"], line["logger"]) == ("INFO", "rest_gateway.requests")
     assert "time" in line
+
+
+def stream_app(*, delivered: bool):
+    """An app whose stream stops before its last body message (its client left),
+    after its last event was (or was not) sent."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        if delivered:
+            note(Request(scope), delivered=True)
+
+    return app
+
+
+@pytest.mark.parametrize(("delivered", "status"), [(False, 499), (True, 200)])
+async def test_a_stream_cut_short_is_499_unless_its_last_event_was_sent(caplog, delivered, status):
+    caplog.set_level(logging.INFO, logger="rest_gateway.requests")
+    metrics = GatewayMetrics()
+    observer = RequestObserver(stream_app(delivered=delivered), metrics)
+    scope = {"type": "http", "method": "POST", "path": "/chat/stream", "headers": []}
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    await observer(scope, receive, send)
+    (line,) = request_lines(caplog)
+    assert fields(line, "status") == (status,)
+    found = samples(metrics.exposition(None))
+    labels = (("endpoint", "unmatched"), ("method", "POST"), ("status", str(status)))
+    assert found[("llamachat:http_requests_total", labels)] == 1

@@ -51,7 +51,12 @@ async def test_completion_has_openai_shape_usage_and_finish_reason(http, engine)
             "logprobs": None,
         }
     ]
-    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert completion["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 2,
+        "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     (request,) = engine.requests
     assert request.sampling.max_tokens == 2 and request.sampling.temperature == 0
     assert request.sampling.seed == 3 and request.sampling.top_p is None
@@ -115,7 +120,12 @@ async def test_stream_sends_chunks_then_finish_then_usage_then_done(http):
     finish = chunks[-2]["choices"][0]
     assert finish["delta"] == {} and finish["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 4,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_stream_without_include_usage_sends_no_usage_chunk(http):

@@ -115,3 +115,46 @@ def test_forgetting_a_session_frees_its_slot_and_saved_state():
     used(table, "d", [5])  # evicts the least recently used of b and c: b
     table.forget("b")
     assert table.saved_sessions == []
+
+
+def anonymous(table: SlotTable, tokens: list[int]) -> Slot:
+    """A finished job with no session that left ``tokens`` in its slot."""
+    slot = table.acquire(None)
+    assert slot is not None
+    slot.tokens = list(tokens)
+    slot.busy = False
+    return slot
+
+
+def test_a_job_finds_the_free_slot_whose_cells_begin_as_its_prompt():
+    memory = Memory(3)
+    table = SlotTable(memory, saved_state_bytes=0)
+    first = anonymous(table, [1, 2, 3, 4, 5])
+    other = anonymous(table, [1, 9])
+    assert first is not other
+    memory.calls.clear()
+    # The next turn of the first conversation: its prompt extends those cells.
+    slot = table.acquire(None, [1, 2, 3, 4, 5, 6, 7])
+    assert slot is first and slot.tokens == [1, 2, 3, 4, 5] and memory.calls == []
+    assert table.reuse_prefix(slot, [1, 2, 3, 4, 5, 6, 7]) == 5
+    slot.busy = False
+    # A new session may start from them too (a shared system prompt), and
+    # then holds the slot.
+    taken = table.acquire("s", [1, 2, 8])
+    assert taken is first and taken.session == "s"
+
+
+def test_a_slot_a_session_holds_is_not_taken_for_its_prefix():
+    table = SlotTable(Memory(2), saved_state_bytes=0)
+    held = used(table, "a", [1, 2, 3])
+    slot = table.acquire(None, [1, 2, 3, 4])
+    assert slot is not held and slot is not None and slot.tokens == []
+    assert held.tokens == [1, 2, 3]
+
+
+def test_without_a_shared_start_the_usual_choice_applies():
+    memory = Memory(2)
+    table = SlotTable(memory, saved_state_bytes=0)
+    old = anonymous(table, [7, 7])
+    slot = table.acquire(None, [1, 2])
+    assert slot is not old and slot is not None and slot.tokens == []  # the empty slot
