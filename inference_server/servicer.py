@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -123,6 +123,29 @@ def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:
     )
 
 
+StreamMessage = TypeVar(
+    "StreamMessage", chat_pb2.ChatStreamResponse, chat_pb2.CompleteStreamResponse
+)
+
+
+async def write_stream(
+    context: grpc.aio.ServicerContext,
+    events: AsyncGenerator[domain.ChatEvent, None],
+    last: Callable[[domain.ChatResult], StreamMessage],
+    piece: Callable[..., StreamMessage],
+) -> None:
+    """Write an engine stream: a ``piece(text=...)`` per ``TextDelta``, then
+    ``last(result)``. Written with context.write rather than yield, so that a
+    cancelled call raises here and aclosing closes the engine's stream at
+    once, which stops generation within one token."""
+    async with aclosing(events) as stream:
+        async for event in stream:
+            if isinstance(event, domain.TextDelta):
+                await context.write(piece(text=event.text))
+            else:
+                await context.write(last(event))
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """``llamachat.v1.ChatService`` on an ``Engine``."""
 
@@ -145,21 +168,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatStream(
         self, request: chat_pb2.ChatStreamRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        # Written with context.write rather than yield, so that a cancelled call
-        # raises here and aclosing closes the engine's stream at once, which
-        # stops generation within one token.
-        async with aclosing(self._engine.chat_stream(to_domain(request))) as events:
-            async for event in events:
-                if isinstance(event, domain.TextDelta):
-                    await context.write(chat_pb2.ChatStreamResponse(text=event.text))
-                else:
-                    await context.write(
-                        chat_pb2.ChatStreamResponse(
-                            session_id=event.session_id,
-                            finish_reason=FINISH_REASONS[event.finish_reason],
-                            usage=usage_of(event),
-                        )
-                    )
+        await write_stream(
+            context,
+            self._engine.chat_stream(to_domain(request)),
+            lambda result: chat_pb2.ChatStreamResponse(
+                session_id=result.session_id,
+                finish_reason=FINISH_REASONS[result.finish_reason],
+                usage=usage_of(result),
+            ),
+            chat_pb2.ChatStreamResponse,
+        )
 
     @maps_errors
     async def Complete(
@@ -176,18 +194,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def CompleteStream(
         self, request: chat_pb2.CompleteStreamRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        # context.write, as in ChatStream, so that cancelling stops generation.
-        async with aclosing(self._engine.complete_stream(completion_of(request))) as events:
-            async for event in events:
-                if isinstance(event, domain.TextDelta):
-                    await context.write(chat_pb2.CompleteStreamResponse(text=event.text))
-                else:
-                    await context.write(
-                        chat_pb2.CompleteStreamResponse(
-                            finish_reason=FINISH_REASONS[event.finish_reason],
-                            usage=usage_of(event),
-                        )
-                    )
+        await write_stream(
+            context,
+            self._engine.complete_stream(completion_of(request)),
+            lambda result: chat_pb2.CompleteStreamResponse(
+                finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_of(result)
+            ),
+            chat_pb2.CompleteStreamResponse,
+        )
 
     @maps_errors
     async def GetModel(

@@ -30,7 +30,7 @@ class GatewaySettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="When set, every endpoint but /, /health and the docs needs "
+        description="When set, every endpoint but /, /health, the docs, /ui and /metrics needs "
         "'Authorization: Bearer <API_KEY>' or 'X-API-Key: <API_KEY>' (401 otherwise); "
         "the gateway sends the same key to the core.",
     )

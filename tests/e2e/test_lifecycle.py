@@ -29,7 +29,7 @@ def readme_grpcurl_commands() -> list[str]:
 
 def test_readme_grpcurl_commands_work_as_printed(service: Service):
     commands = readme_grpcurl_commands()
-    assert len(commands) >= 7
+    assert len(commands) >= 9
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     outputs = {}
     for command in commands:
@@ -58,6 +58,13 @@ def test_readme_grpcurl_commands_work_as_printed(service: Service):
     )
     assert "demo" in json.loads(outputs["llamachat.v1.ChatService/ListSessions"])["session_ids"]
     assert json.loads(outputs["llamachat.v1.ChatService/Clear"]) == {"session_id": "demo"}
+    completed = json.loads(outputs["llamachat.v1.ChatService/Complete"])
+    assert completed["text"] and completed["usage"]["completion_tokens"] > 0
+    assert "session_id" not in completed
+    model = json.loads(outputs["llamachat.v1.ChatService/GetModel"])
+    assert model["loaded"] is True and model["id"] == default_model_path().name.removesuffix(
+        ".gguf"
+    )
 
 
 def test_gateway_answers_503_while_the_core_is_down_and_recovers_by_itself(tmp_path):

@@ -25,7 +25,7 @@ class Memory:
         return True
 
 
-def used(table: SlotTable, session: str, tokens: list[int]) -> Slot:
+def used(table: SlotTable, session: str | None, tokens: list[int]) -> Slot:
     """A finished turn of ``session`` that left ``tokens`` in its slot."""
     slot = table.acquire(session)
     assert slot is not None
@@ -119,11 +119,7 @@ def test_forgetting_a_session_frees_its_slot_and_saved_state():
 
 def anonymous(table: SlotTable, tokens: list[int]) -> Slot:
     """A finished job with no session that left ``tokens`` in its slot."""
-    slot = table.acquire(None)
-    assert slot is not None
-    slot.tokens = list(tokens)
-    slot.busy = False
-    return slot
+    return used(table, None, tokens)
 
 
 def test_a_job_finds_the_free_slot_whose_cells_begin_as_its_prompt():
