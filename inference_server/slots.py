@@ -103,19 +103,24 @@ class SlotTable:
 
     def _sharing_prefix(self, session: str | None, prompt: Sequence[int]) -> Slot | None:
         """The idle slot that no session holds whose cells begin the way
-        ``prompt`` does, longest shared start first (``None``: none does, or
-        the session has a saved state of its own to restore).
+        ``prompt`` does, for at least half of them, longest shared start first
+        (``None``: none does, or the session has a saved state to restore).
 
         A job without a session (a stateless completion, which resends its
         whole conversation) so finds the previous turn's cells, and any new job
-        finds a system prompt evaluated before, without evicting a session.
+        finds a system prompt evaluated before, without evicting a session. A
+        shorter shared start (a chat template's first tokens) is not worth the
+        cells it would overwrite: another conversation may still continue them.
         """
         if not prompt or (session is not None and session in self._saved):
             return None
-        candidates = [s for s in self.slots if not s.busy and s.session is None and s.tokens]
-        shared = {id(s): common_prefix_length(s.tokens, list(prompt)) for s in candidates}
-        best = max(candidates, key=lambda s: (shared[id(s)], s.last_used), default=None)
-        return best if best is not None and shared[id(best)] > 0 else None
+        shared = {
+            id(slot): common_prefix_length(slot.tokens, list(prompt))
+            for slot in self.slots
+            if not slot.busy and slot.session is None and slot.tokens
+        }
+        worth = [s for s in self.slots if id(s) in shared and 2 * shared[id(s)] >= len(s.tokens)]
+        return max(worth, key=lambda s: (shared[id(s)], s.last_used), default=None)
 
     def reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
         """Keep the cached tokens that begin ``prompt`` and drop the rest;

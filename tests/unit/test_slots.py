@@ -136,8 +136,17 @@ def test_a_job_finds_the_free_slot_whose_cells_begin_as_its_prompt():
     slot.busy = False
     # A new session may start from them too (a shared system prompt), and
     # then holds the slot.
-    taken = table.acquire("s", [1, 2, 8])
+    taken = table.acquire("s", [1, 2, 3, 8])
     assert taken is first and taken.session == "s"
+
+
+def test_a_short_shared_start_does_not_overwrite_another_conversation():
+    table = SlotTable(Memory(2), saved_state_bytes=0)
+    conversation = anonymous(table, [1, 2, 3, 4, 5, 6])
+    # Only the template's first token in common: the empty slot is taken.
+    slot = table.acquire(None, [1, 9, 9])
+    assert slot is not conversation and slot is not None and slot.tokens == []
+    assert conversation.tokens == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_slot_a_session_holds_is_not_taken_for_its_prefix():
