@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import replace
 from functools import partial
 from typing import ParamSpec, Protocol, TypeVar
 
@@ -35,7 +34,6 @@ from .metrics import EngineMetrics
 from .scheduler import BatchScheduler, Generation, Job
 from .sessions import SessionStore
 from .settings import ServerSettings
-from .stop_sequences import StopSequences
 from .validation import resolve_completion_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -314,8 +312,8 @@ class LlamaEngine:
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
         async with self._admitted():
             prompt = await asyncio.to_thread(self._tokenize_conversation, runtime, request.messages)
-            stops = StopSequences(request.stop) if request.stop else None
-            async with aclosing(self._generate(prompt, sampling, None, arrived, stops)) as events:
+            generation = self._generate(prompt, sampling, None, arrived, request.stop)
+            async with aclosing(generation) as events:
                 async for event in events:
                     yield event if isinstance(event, TextDelta) else _result(None, prompt, event)
 
@@ -328,12 +326,11 @@ class LlamaEngine:
         sampling: Sampling,
         session_id: str | None,
         arrived: float,
-        stops: StopSequences | None = None,
+        stop: tuple[str, ...] = (),
     ) -> AsyncGenerator[TextDelta | Generation, None]:
         """Run one job on the scheduler: its pieces as ``TextDelta``s, then its
-        ``Generation``. Closing early cancels it within one token. With
-        ``stops``, the reply ends before the first stop sequence: the job is
-        cancelled there and its ``Generation`` says STOP with the text before it."""
+        ``Generation``. Closing early cancels it within one token. The reply
+        ends before the first of the ``stop`` sequences (see ``Job``)."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         outcome: asyncio.Future[Generation] = loop.create_future()
@@ -350,29 +347,22 @@ class LlamaEngine:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         job = Job(
-            session=session_id, prompt=prompt, sampling=sampling, on_piece=on_piece, on_done=on_done
+            session=session_id,
+            prompt=prompt,
+            sampling=sampling,
+            on_piece=on_piece,
+            on_done=on_done,
+            stop=stop,
         )
         self._scheduler.submit(job)
         try:
             while (piece := await pieces.get()) is not None:
-                if stops is None:
-                    yield TextDelta(piece)
-                    continue
-                if released := stops.feed(piece):
-                    yield TextDelta(released)
-                if stops.stopped:
-                    job.cancelled.set()
-                    self._scheduler.wake()
+                yield TextDelta(piece)
         finally:
             # Closed early (client gone): stop generating within one token.
             job.cancelled.set()
             self._scheduler.wake()
-        generation = await outcome
-        if stops is not None and stops.stopped:
-            generation = replace(generation, text=stops.text, finish_reason=FinishReason.STOP)
-        elif stops is not None and (rest := stops.flush()):
-            yield TextDelta(rest)
-        yield generation
+        yield await outcome
 
     def _finished(
         self,

@@ -33,6 +33,7 @@ from .domain import FinishReason, Sampling
 from .errors import EngineNotReady
 from .llama_runtime import BatchEntry, LlamaRuntime, Sampler
 from .slots import Slot, SlotTable
+from .stop_sequences import StopSequences
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +62,8 @@ class Job:
     ``on_done`` the ``Generation`` or the exception that ended it; both are
     called on the scheduler's thread. ``cancelled`` may be set from any thread
     (then call ``BatchScheduler.wake``): the job ends before its next token.
+    With ``stop`` sequences, the reply ends (STOP) before the first of them,
+    and text that may begin one is held back until the next tokens tell.
     """
 
     session: str | None
@@ -68,6 +71,7 @@ class Job:
     sampling: Sampling
     on_piece: Callable[[str], None]
     on_done: Callable[[Generation | BaseException], None]
+    stop: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0
     """``time.monotonic()`` at ``submit``."""
@@ -95,8 +99,27 @@ class _Running:
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
+    stops: StopSequences | None = None
 
-    def emit(self, text: str) -> None:
+    def emit(self, token_bytes: bytes) -> None:
+        """Hand on the text a token completes, but what may begin a stop sequence."""
+        text = self.decoder.decode(token_bytes)
+        self._hand_on(self.stops.feed(text) if self.stops is not None else text)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the reply reached a stop sequence."""
+        return self.stops is not None and self.stops.stopped
+
+    def end(self) -> None:
+        """Hand on what the decoder and the stop sequences still hold."""
+        tail = self.decoder.decode(b"", final=True)
+        if self.stops is None:
+            self._hand_on(tail)
+        elif not self.stops.stopped:
+            self._hand_on(self.stops.feed(tail) + self.stops.flush())
+
+    def _hand_on(self, text: str) -> None:
         if text:
             self.pieces.append(text)
             _notify(self.job.on_piece, text)
@@ -233,6 +256,7 @@ class BatchScheduler:
                     unevaluated=job.prompt[cached:],
                     cached_tokens=cached,
                     budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
+                    stops=StopSequences(job.stop) if job.stop else None,
                 )
             )
 
@@ -284,9 +308,11 @@ class BatchScheduler:
                 self._finish(running, item, FinishReason.STOP)
                 continue
             item.generated += 1
-            item.emit(item.decoder.decode(runtime.piece(token)))
+            item.emit(runtime.piece(token))
             item.next_token = token
-            if item.generated >= item.budget:
+            if item.stopped:
+                self._finish(running, item, FinishReason.STOP)
+            elif item.generated >= item.budget:
                 self._finish(running, item, FinishReason.LENGTH)
 
     def _release(self, running: list[_Running], item: _Running) -> None:
@@ -296,7 +322,7 @@ class BatchScheduler:
 
     def _finish(self, running: list[_Running], item: _Running, reason: FinishReason) -> None:
         self._release(running, item)
-        item.emit(item.decoder.decode(b"", final=True))
+        item.end()
         generation = Generation(
             "".join(item.pieces), reason, item.generated, item.cached_tokens, item.queue_time_s
         )

@@ -132,16 +132,16 @@ async def write_stream(
     context: grpc.aio.ServicerContext,
     events: AsyncGenerator[domain.ChatEvent, None],
     last: Callable[[domain.ChatResult], StreamMessage],
-    piece: Callable[..., StreamMessage],
+    piece: Callable[[str], StreamMessage],
 ) -> None:
-    """Write an engine stream: a ``piece(text=...)`` per ``TextDelta``, then
+    """Write an engine stream: a ``piece(text)`` per ``TextDelta``, then
     ``last(result)``. Written with context.write rather than yield, so that a
     cancelled call raises here and aclosing closes the engine's stream at
     once, which stops generation within one token."""
     async with aclosing(events) as stream:
         async for event in stream:
             if isinstance(event, domain.TextDelta):
-                await context.write(piece(text=event.text))
+                await context.write(piece(event.text))
             else:
                 await context.write(last(event))
 
@@ -176,7 +176,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 finish_reason=FINISH_REASONS[result.finish_reason],
                 usage=usage_of(result),
             ),
-            chat_pb2.ChatStreamResponse,
+            lambda text: chat_pb2.ChatStreamResponse(text=text),
         )
 
     @maps_errors
@@ -200,7 +200,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             lambda result: chat_pb2.CompleteStreamResponse(
                 finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_of(result)
             ),
-            chat_pb2.CompleteStreamResponse,
+            lambda text: chat_pb2.CompleteStreamResponse(text=text),
         )
 
     @maps_errors

@@ -107,10 +107,10 @@ class SlotTable:
         (``None``: none does, or the session has a saved state to restore).
 
         A job without a session (a stateless completion, which resends its
-        whole conversation) so finds the previous turn's cells, and any new job
-        finds a system prompt evaluated before, without evicting a session. A
-        shorter shared start (a chat template's first tokens) is not worth the
-        cells it would overwrite: another conversation may still continue them.
+        whole conversation) so finds the previous turn's cells without evicting
+        a session; a new session may continue such a slot too. A shorter
+        shared start (a chat template's first tokens) is not worth the cells
+        it would overwrite: another conversation may still continue them.
         """
         if not prompt or (session is not None and session in self._saved):
             return None

@@ -14,6 +14,8 @@ from .settings import ServerSettings
 MAX_SESSION_ID_CHARS = 256
 # As OpenAI's API allows.
 MAX_STOP_SEQUENCES = 4
+# They are looked for after every token, on the scheduler's thread.
+MAX_STOP_CHARS = 128
 
 
 def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int) -> Sampling:
@@ -48,6 +50,8 @@ def resolve_completion_sampling(
         )
     if not all(request.stop):
         raise InvalidRequest("stop sequences must not be empty")
+    if any(len(stop) > MAX_STOP_CHARS for stop in request.stop):
+        raise InvalidRequest(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
     return _with_defaults(request.sampling, settings, n_ctx)
 
 

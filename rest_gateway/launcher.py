@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -46,9 +45,9 @@ def start(module: str, *args: str) -> subprocess.Popen[bytes]:
 
 
 def installed() -> bool:
-    """Whether this package was imported from the interpreter's site-packages."""
-    paths = sysconfig.get_paths()
-    return any(Path(paths[key]).resolve() == PACKAGES_ROOT for key in ("purelib", "platlib"))
+    """Whether this package is an installed copy (a checkout has api_service.py
+    beside it), which the interpreter finds by itself."""
+    return not (PACKAGES_ROOT / "api_service.py").is_file()
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:

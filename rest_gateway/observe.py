@@ -27,8 +27,9 @@ def note(
     request: Request, *, session: str | None = None, usage: Any = None, delivered: bool = False
 ) -> None:
     """Add a request's session and token counts (a ``chat_pb2.Usage``) to its
-    log line; ``delivered``: a stream's last event was sent (a client that
-    closes the connection then, before the response's very end, got it all)."""
+    log line; ``delivered``: a stream's last events are being sent (a client
+    that closes the connection then, before the response's very end, got the
+    whole reply)."""
     fields = request.scope.get("state", {}).get(NOTES)
     if fields is None:  # not behind a RequestObserver (unit tests of one route)
         return
@@ -74,6 +75,10 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, observed_send)
+        except BaseException:
+            if status < 400:  # failed after a 200 began: not the client's doing
+                status = 500
+            raise
         finally:
             if not (completed or fields.get("delivered")) and status < 400:
                 # The response began but never ended: the client went away

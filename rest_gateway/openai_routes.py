@@ -198,8 +198,7 @@ async def chat_completions(
             stream_call,
             chunk,
             include_usage,
-            on_usage=lambda usage: note(request, usage=usage),
-            on_end=lambda: note(request, delivered=True),
+            on_usage=lambda usage: note(request, usage=usage, delivered=True),
         ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -245,14 +244,13 @@ async def relay_chunks(
     chunk: ChunkMaker,
     include_usage: bool,
     on_usage: Callable[[chat_pb2.Usage], None],
-    on_end: Callable[[], None],
 ) -> AsyncIterator[str]:
     """The SSE stream of a ``CompleteStream`` whose first message has arrived:
     a first chunk with the role, one per piece of text, one with the finish
     reason, one with the usage if asked for, then ``[DONE]``. An error after
     the 200 was sent comes as a last ``{"error": ...}`` event, as vLLM sends it.
-    ``on_end`` is called once ``[DONE]`` was sent. The ``finally`` cancels
-    the call when the client goes away."""
+    ``on_usage`` gets the usage as the last events are sent. The ``finally``
+    cancels the call when the client goes away."""
 
     try:
         yield sse(chunk.delta({"role": "assistant", "content": ""}))
@@ -274,4 +272,3 @@ async def relay_chunks(
         yield sse("[DONE]")
     finally:
         call.cancel()
-    on_end()

@@ -146,8 +146,9 @@ async def chat_stream(
             first,
             messages,
             call,
-            on_done=lambda done: note(request, session=done.session_id, usage=done.usage),
-            on_end=lambda: note(request, delivered=True),
+            on_done=lambda done: note(
+                request, session=done.session_id, usage=done.usage, delivered=True
+            ),
         ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

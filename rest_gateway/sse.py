@@ -48,11 +48,10 @@ async def relay(
     rest: AsyncIterator[chat_pb2.ChatStreamResponse],
     call: grpc.aio.UnaryStreamCall,
     on_done: Callable[[chat_pb2.ChatStreamResponse], None] = lambda done: None,
-    on_end: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[str]:
     """SSE lines for a stream whose first message has already arrived;
-    ``on_done`` gets the last message (session id and usage), and ``on_end``
-    is called once the last event was sent.
+    ``on_done`` gets the last message (session id and usage) as its event
+    is sent.
 
     When the HTTP client goes away, Starlette cancels this generator and the
     ``finally`` cancels the gRPC call, which stops generation in the core.
@@ -69,7 +68,6 @@ async def relay(
         yield sse_event({"error": detail_of(error)})
     finally:
         call.cancel()
-    on_end()
 
 
 async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -8,7 +8,14 @@ from contextlib import aclosing
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from inference_server.domain import ChatRequest, SamplingParams
+from inference_server.domain import (
+    ChatRequest,
+    CompletionRequest,
+    FinishReason,
+    Message,
+    Role,
+    SamplingParams,
+)
 from inference_server.engine import LlamaEngine
 
 
@@ -76,3 +83,23 @@ async def test_prompt_tokens_count_only_prompts_that_were_evaluated(make_engine)
     assert running_prompt == done.prompt_tokens
     assert found["llamachat:prompt_tokens_total"] > done.prompt_tokens
     assert found["llamachat:sessions"] == 1
+
+
+async def test_a_stop_sequence_ends_the_reply_as_stop_in_result_usage_and_metrics(make_engine):
+    engine = await make_engine()
+    conversation = (Message(Role.USER, "Name a colour."),)
+    sampling = SamplingParams(temperature=0.0, max_tokens=24)
+    whole = await engine.complete(CompletionRequest(conversation, sampling))
+    words = whole.text.split()
+    assert len(words) >= 3, whole.text
+    stop = f" {words[2]}"
+    request = CompletionRequest(conversation, sampling, stop=(stop,))
+    cut = await engine.complete(request)
+    again = await engine.complete(request)
+    assert cut.text == whole.text[: whole.text.index(stop)]
+    assert cut.finish_reason is FinishReason.STOP
+    # Nothing is generated past the token that completed the stop sequence.
+    assert cut.completion_tokens == again.completion_tokens < whole.completion_tokens
+    found = await read(engine)
+    assert found["llamachat:request_success_total{finished_reason=stop}"] >= 2
+    assert "llamachat:request_success_total{finished_reason=abort}" not in found

@@ -140,3 +140,25 @@ async def test_a_stream_cut_short_is_499_unless_its_last_event_was_sent(caplog, 
     found = samples(metrics.exposition(None))
     labels = (("endpoint", "unmatched"), ("method", "POST"), ("status", str(status)))
     assert found[("llamachat:http_requests_total", labels)] == 1
+
+
+async def test_a_stream_that_fails_after_its_200_began_is_counted_500(caplog):
+    caplog.set_level(logging.INFO, logger="rest_gateway.requests")
+
+    async def failing(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        raise RuntimeError("broken")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    observer = RequestObserver(failing, GatewayMetrics())
+    scope = {"type": "http", "method": "POST", "path": "/chat/stream", "headers": []}
+    with pytest.raises(RuntimeError):
+        await observer(scope, receive, send)
+    (line,) = request_lines(caplog)
+    assert fields(line, "status") == (500,)

@@ -96,6 +96,8 @@ async def test_more_than_four_or_empty_stop_sequences_are_400(http):
     assert_openai_error(too_many, 400, "invalid_request_error", "at most 4")
     empty = await http.post(COMPLETIONS, json=body(stop=[""]))
     assert_openai_error(empty, 400, "invalid_request_error", "must not be empty")
+    too_long = await http.post(COMPLETIONS, json=body(stop=["x" * 129]))
+    assert_openai_error(too_long, 400, "invalid_request_error", "at most 128 characters")
 
 
 async def test_max_completion_tokens_wins_over_max_tokens(http, engine):
