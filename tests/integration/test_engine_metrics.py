@@ -37,10 +37,11 @@ async def read(engine: LlamaEngine) -> dict[str, float]:
 
 
 async def until(engine: LlamaEngine, **expected: float) -> dict[str, float]:
-    """Scrape until the gauges read ``expected`` (they follow the scheduler's steps)."""
+    """Scrape until the samples read ``expected`` (the gauges follow the
+    scheduler's steps, the counters the engine's callbacks)."""
     for _ in range(200):
         found = await read(engine)
-        if all(found[f"llamachat:{name}"] == value for name, value in expected.items()):
+        if all(found.get(f"llamachat:{name}") == value for name, value in expected.items()):
             return found
         await asyncio.sleep(0.05)
     raise AssertionError(f"never {expected}: {found}")
@@ -56,9 +57,9 @@ async def test_running_and_waiting_gauges_follow_the_slots(make_engine):
         await until(engine, num_requests_running=1, num_requests_waiting=1)
         queued.cancel()
         await asyncio.gather(queued, return_exceptions=True)
-    found = await until(engine, num_requests_running=0, num_requests_waiting=0)
-    # Both ended cancelled; only the prompt that was evaluated counts.
-    assert found["llamachat:request_success_total{finished_reason=abort}"] == 2
+    await until(engine, num_requests_running=0, num_requests_waiting=0)
+    # Both ended cancelled (counted once the engine has seen them end).
+    found = await until(engine, **{"request_success_total{finished_reason=abort}": 2})
     assert found["llamachat:generation_tokens_total"] >= 1
     assert found["llamachat:prompt_tokens_total"] == found["llamachat:prefix_cache_queries_total"]
     assert found["llamachat:sessions"] == 0  # nothing finished, nothing kept
@@ -77,7 +78,8 @@ async def test_prompt_tokens_count_only_prompts_that_were_evaluated(make_engine)
             queued.cancel()
             await asyncio.gather(queued, return_exceptions=True)
         running_prompt = (await read(engine))["llamachat:prompt_tokens_total"]
-    found = await until(engine, num_requests_running=0)
+    # Counted once the engine has seen both end (after the scheduler's gauges).
+    found = await until(engine, **{"request_success_total{finished_reason=abort}": 2})
     # "one" finished, "never" never had a slot: only "one" (and "long", once it
     # ends) are counted.
     assert running_prompt == done.prompt_tokens
