@@ -106,6 +106,15 @@ def model_of(args: argparse.Namespace) -> Path:
     return resolve_model_path(args.model or os.environ.get("MODEL_PATH"))
 
 
+def service_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as help, and the service's options."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_service_arguments(parser)
+    return parser
+
+
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that shape the service under test."""
     parser.add_argument("--model", help="GGUF file (default: MODEL_PATH, else the default model)")
@@ -376,12 +385,7 @@ def table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_service_arguments(parser)
+    parser = service_parser("python -m bench.load", __doc__)
     parser.add_argument(
         "--max-queue",
         type=int,

@@ -13,7 +13,6 @@ and writes ``bench/results/openai_turns.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 from openai import OpenAI
 
-from .load import add_service_arguments, machine, model_of, service_env
+from .load import machine, model_of, service_env, service_parser
 from .servers import our_service
 
 
@@ -79,8 +78,7 @@ def measure(url: str, trials: int, turns: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.openai_turns", description=__doc__)
-    add_service_arguments(parser)
+    parser = service_parser("python -m bench.openai_turns", __doc__)
     parser.add_argument("--trials", type=int, default=5, help="conversations (default 5)")
     parser.add_argument("--turns", type=int, default=6, help="turns before the timed one")
     args = parser.parse_args(argv)

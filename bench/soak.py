@@ -41,7 +41,6 @@ import httpx
 
 from .load import (
     Outcome,
-    add_service_arguments,
     chat_body,
     client_for,
     count_statuses,
@@ -52,6 +51,7 @@ from .load import (
     post,
     rss_of,
     service_env,
+    service_parser,
     session_count,
     warm_up,
 )
@@ -210,12 +210,7 @@ def table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.soak",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_service_arguments(parser)
+    parser = service_parser("python -m bench.soak", __doc__)
     parser.add_argument(
         "--sessions", type=int, default=10_000, help="sessions to create (default %(default)s)"
     )

@@ -20,9 +20,7 @@ from .body_limit import BodySizeLimit
 from .disconnect import ClientDisconnected
 from .errors import (
     ApiError,
-    BadRequestForCore,
     handle_api_error,
-    handle_bad_request,
     handle_client_disconnected,
     handle_http_exception,
     handle_rpc_error,
@@ -96,7 +94,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.add_middleware(RequestObserver, metrics=app.state.metrics)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
-    app.add_exception_handler(BadRequestForCore, handle_bad_request)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(ClientDisconnected, handle_client_disconnected)
     app.add_exception_handler(ApiError, handle_api_error)

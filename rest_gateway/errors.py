@@ -112,18 +112,16 @@ async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(request.url.path, status, detail_of(error), headers=headers)
 
 
-class BadRequestForCore(ValueError):
-    """The request could not be put into a gRPC message (for example a string
-    that is not valid UTF-8)."""
-
-
-async def handle_bad_request(request: Request, error: Exception) -> JSONResponse:
-    return error_response(request.url.path, 400, str(error))
+def documented_errors(model: type, descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for OpenAPI: each status, its body model
+    and what it means."""
+    return {code: {"model": model, "description": text} for code, text in descriptions.items()}
 
 
 class ApiError(Exception):
     """An error the gateway itself finds in a request (not the core): its
-    status, message and, for OpenAI's shape, the parameter and code."""
+    status, message and, for OpenAI's shape, the parameter and code (for
+    example a string that cannot go into a gRPC message, not valid UTF-8)."""
 
     def __init__(
         self, status: int, message: str, *, param: str | None = None, code: str | None = None

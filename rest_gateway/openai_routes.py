@@ -10,7 +10,6 @@ OpenAI and vLLM (404 ``model_not_found`` otherwise).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,29 +17,28 @@ from typing import Any
 
 import grpc
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import openai_schemas as oa
 from .disconnect import unless_disconnected
-from .errors import ApiError, detail_of, http_status_for, openai_error
+from .errors import ApiError, detail_of, documented_errors, http_status_for, openai_error
 from .observe import note
 from .routes import CallOptions, ChatStub, to_grpc_message
-from .sse import chain
+from .sse import chain, event_stream, sse_event
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": oa.OpenAIError, "description": text}
-    for code, text in {
+ERRORS = documented_errors(
+    oa.OpenAIError,
+    {
         400: "Bad parameter, unsupported parameter, or a conversation too long",
         401: "Missing or invalid API key",
         404: "No such model",
         429: "Every slot busy and the queue full: retry after Retry-After seconds",
         503: "Model not loaded, or the inference core is unreachable",
-    }.items()
-}
+    },
+)
 
 ROLES = {
     "system": chat_pb2.ROLE_SYSTEM,
@@ -191,7 +189,7 @@ async def chat_completions(
     first = await unless_disconnected(request, stream_call, anext(messages))
     chunk = ChunkMaker(completion_id, created, model.id)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return StreamingResponse(
+    return event_stream(
         relay_chunks(
             first,
             messages,
@@ -199,9 +197,7 @@ async def chat_completions(
             chunk,
             include_usage,
             on_usage=lambda usage: note(request, usage=usage, delivered=True),
-        ),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     )
 
 
@@ -233,8 +229,8 @@ class ChunkMaker:
         return {**self.base, "choices": [], "usage": usage_of(usage).model_dump()}
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+# The event that ends an OpenAI stream.
+DONE_EVENT = "data: [DONE]\n\n"
 
 
 async def relay_chunks(
@@ -253,22 +249,22 @@ async def relay_chunks(
     cancels the call when the client goes away."""
 
     try:
-        yield sse(chunk.delta({"role": "assistant", "content": ""}))
+        yield sse_event(chunk.delta({"role": "assistant", "content": ""}))
         async for message in chain(first, rest):
             if message.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED:
-                yield sse(chunk.delta({"content": message.text}))
+                yield sse_event(chunk.delta({"content": message.text}))
                 continue
             on_usage(message.usage)
             if message.finish_reason not in FINISH_REASONS:
-                yield sse(openai_error(503, STOPPED_EARLY))
+                yield sse_event(openai_error(503, STOPPED_EARLY))
                 break
-            yield sse(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
+            yield sse_event(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
             if include_usage:
-                yield sse(chunk.usage(message.usage))
+                yield sse_event(chunk.usage(message.usage))
             break  # the response ends here, not when the call's status comes
-        yield sse("[DONE]")
+        yield DONE_EVENT
     except grpc.aio.AioRpcError as error:
-        yield sse(openai_error(http_status_for(error.code()), detail_of(error)))
-        yield sse("[DONE]")
+        yield sse_event(openai_error(http_status_for(error.code()), detail_of(error)))
+        yield DONE_EVENT
     finally:
         call.cancel()

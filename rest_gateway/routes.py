@@ -13,17 +13,17 @@ from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import schemas
 from .disconnect import unless_disconnected
-from .errors import BadRequestForCore
+from .errors import ApiError, documented_errors
 from .observe import note
 from .settings import GatewaySettings
-from .sse import relay
+from .sse import event_stream, relay
 
 SERVICE_NAME = "LLaMA Chat API"
 VERSION = "1.0.0"
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = documented_errors(
+    schemas.ErrorResponse,
+    {
         400: "Bad request: blank message, value out of range, message too long",
         404: "Session not found",
         413: "Request body over MAX_BODY_BYTES",
@@ -31,8 +31,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         500: "Generation error",
         503: "Model not loaded, or the inference core is unreachable",
         504: "The inference core did not answer in time",
-    }.items()
-}
+    },
+)
 
 router = APIRouter()
 
@@ -69,12 +69,12 @@ def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
 
 
 def to_grpc_message(message_type: type, fields: dict[str, Any]) -> Any:
-    """A gRPC request from its fields; ``BadRequestForCore`` if they do not fit it."""
+    """A gRPC request from its fields; a 400 ``ApiError`` if they do not fit it."""
     try:
         message = message_type(**fields)
         message.SerializeToString()  # fails here, not in the channel, on bad UTF-8
     except (ValueError, TypeError) as error:
-        raise BadRequestForCore(f"Invalid request: {error}") from error
+        raise ApiError(400, f"Invalid request: {error}") from error
     return message
 
 
@@ -141,7 +141,7 @@ async def chat_stream(
     # Errors found before the first piece of text (bad input, model not loaded)
     # still get their own HTTP status, not a 200 stream.
     first = await unless_disconnected(request, call, anext(messages))
-    return StreamingResponse(
+    return event_stream(
         relay(
             first,
             messages,
@@ -149,9 +149,7 @@ async def chat_stream(
             on_done=lambda done: note(
                 request, session=done.session_id, usage=done.usage, delivered=True
             ),
-        ),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+from fastapi.responses import StreamingResponse
 
 from llamachat.v1 import chat_pb2
 
@@ -29,6 +30,15 @@ FINISH_REASON_NAMES = {
 
 def sse_event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """A response of Server-Sent Events, which no proxy should buffer or cache."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def event_of(message: chat_pb2.ChatStreamResponse) -> dict[str, Any]:

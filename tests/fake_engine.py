@@ -50,11 +50,15 @@ class FakeEngine:
         self.store = InMemorySessionStore(Retention(window=5, max_sessions=100, ttl_s=0))
         self.settings = ServerSettings()
 
-    async def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
+    def _check_available(self) -> None:
+        """As the real engine: not while loading, not past its capacity."""
         if not self.ready:
             raise EngineNotReady()
         if self.overloaded:
             raise Overloaded(limit=36)
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
+        self._check_available()
         sampling = resolve_sampling(request, self.settings, FAKE_N_CTX)
         if len(request.message) >= FAKE_N_CTX:
             raise ContextOverflow(len(request.message), FAKE_N_CTX)
@@ -70,10 +74,7 @@ class FakeEngine:
 
     async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         """One character of the conversation's contents counts as one prompt token."""
-        if not self.ready:
-            raise EngineNotReady()
-        if self.overloaded:
-            raise Overloaded(limit=36)
+        self._check_available()
         sampling = resolve_completion_sampling(request, self.settings, FAKE_N_CTX)
         prompt_tokens = sum(len(message.content) for message in request.messages)
         if prompt_tokens >= FAKE_N_CTX:
