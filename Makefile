@@ -92,7 +92,8 @@ bench-soak: $(VENV)/.dev $(STUBS)
 bench-openai: $(VENV)/.dev $(STUBS)
 	$(PY) -m bench.openai_turns $(BENCH_ARGS)
 
-lint: $(VENV)/.dev $(STUBS) $(NODE_TOOLS)
+# The bench's requirements too: mypy checks bench/, which imports matplotlib.
+lint: $(VENV)/.bench $(STUBS) $(NODE_TOOLS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

@@ -12,6 +12,8 @@ import numpy as np
 from inference_server.domain import Sampling
 from inference_server.llama_runtime import BatchEntry, LlamaRuntime, Sampler
 
+from .repack import use_extra_buffer_types
+
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, seed=None)
 
 
@@ -23,6 +25,7 @@ def _runtime(model: Path, *, threads: int, sequences: int, n_ctx: int) -> LlamaR
         n_gpu_layers=-1,
         n_threads=threads,
         n_batch=512,
+        extra_buffer_types=use_extra_buffer_types(),
     )
 
 

@@ -155,6 +155,10 @@ def llama_server(
             "512",
             "--no-webui",
         ]
+        from .repack import use_extra_buffer_types  # loads llama.cpp: only here
+
+        if not use_extra_buffer_types():
+            command.append("--no-repack")  # as the core decides
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as output:
             process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)

@@ -177,14 +177,17 @@ class HighLevelLlama(_ClientHistory):
         super().__init__()
         from llama_cpp import Llama
 
-        self._llm = Llama(
-            model_path=str(model),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            verbose=False,
-        )
+        from .repack import high_level_model_params, use_extra_buffer_types
+
+        with high_level_model_params(extra=use_extra_buffer_types()):
+            self._llm = Llama(
+                model_path=str(model),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=512,
+                verbose=False,
+            )
 
     def turn(self, session: str, message: str, max_tokens: int) -> Timing:
         timing = Timing(time.perf_counter())

@@ -9,14 +9,21 @@ import sys
 
 from llamachat_process.cli import program_name
 from llamachat_process.logs import configure_logging
+from llamachat_process.parent import watch_parent
 
 from .assembly import build_engine
+from .engine import LlamaEngine
 from .errors import ModelLoadError, SessionStoreError
+from .llama_runtime import LlamaRuntime
 from .model_files import resolve_model_path
-from .server import AddressInUse, TlsFiles, create_server
+from .server import AddressInUse, CoreServer, TlsFiles, create_server
 from .settings import ServerSettings
 
 log = logging.getLogger("inference_server")
+# Once the supervisor is gone: the drain's grace, then this much, then exit.
+PARENT_GONE_EXTRA_S = 5.0
+# Once the engine failed: time for health watchers to hear NOT_SERVING.
+FAILED_GRACE_S = 1.0
 
 
 def parse_settings(argv: list[str]) -> ServerSettings:
@@ -27,11 +34,26 @@ def parse_settings(argv: list[str]) -> ServerSettings:
     return ServerSettings(_cli_parse_args=argv, _cli_prog_name=program_name("inference_server"))
 
 
-async def serve(settings: ServerSettings) -> None:
+async def follow_health(core: CoreServer, engine: LlamaEngine) -> None:
+    """Keep the standard health service saying whether a chat can succeed."""
+    while True:
+        changed = engine.health_changed()
+        reason = engine.unavailable_reason()
+        await core.set_serving(reason is None)
+        if reason is not None:
+            log.warning("not serving: %s", reason)
+        await changed
+
+
+async def serve(settings: ServerSettings, runtime_class: type[LlamaRuntime] = LlamaRuntime) -> int:
     """Start serving at once (health NOT_SERVING), load the model, then SERVING
-    until SIGINT or SIGTERM; then drain streams in flight and free the model."""
+    until SIGINT or SIGTERM; then drain streams in flight and free the model.
+
+    Returns the exit status: 0 after a signal; 1 when the engine failed (its
+    scheduler died), so that whatever runs the core (``llamachat-serve``,
+    systemd, Kubernetes) starts it again."""
     model_path = resolve_model_path(settings.model_path)
-    engine = build_engine(settings, model_path)
+    engine = build_engine(settings, model_path, runtime_class)
     core = await create_server(
         settings.grpc_address,
         engine,
@@ -53,31 +75,44 @@ async def serve(settings: ServerSettings) -> None:
     )
     loading = asyncio.ensure_future(engine.load())
     stopping = asyncio.ensure_future(stop.wait())
+    health: asyncio.Task[None] | None = None
+    status = 0
     try:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()  # raises ModelLoadError if the model failed to load
-            await core.set_serving(True)
+            assert engine.failed is not None  # set by load()
+            health = asyncio.create_task(follow_health(core, engine))
             log.info("model loaded; serving")
+            engine.failed.add_done_callback(lambda _: stop.set())
             await stopping
+            if engine.failed.done():
+                log.error("%s; exiting with status 1 to be restarted", engine.failed.result())
+                status = 1
         log.info("shutting down")
+        if health is not None:
+            health.cancel()
         await core.set_serving(False)
     finally:
-        await core.server.stop(settings.shutdown_grace_s)
+        # After a failure, in-flight calls have their errors already.
+        await core.server.stop(FAILED_GRACE_S if status else settings.shutdown_grace_s)
         stopping.cancel()
         # A load still running finishes first, so that its model is freed too.
         await asyncio.gather(loading, return_exceptions=True)
         await engine.aclose()
+    return status
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level, settings.log_format)
+    watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)
     try:
-        asyncio.run(serve(settings))
+        status = asyncio.run(serve(settings))
     except (FileNotFoundError, ModelLoadError, AddressInUse, SessionStoreError) as error:
         log.error("%s", error)
         sys.exit(2)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

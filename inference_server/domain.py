@@ -76,6 +76,9 @@ class ModelInfo:
     id: str
     context_size: int
     loaded: bool
+    unavailable_reason: str | None = None
+    """Why a chat cannot succeed now (model not loaded, engine failed, session
+    store not writable); ``None`` when it can."""
 
 
 @dataclass(frozen=True)

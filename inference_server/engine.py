@@ -10,11 +10,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
-from typing import ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar, cast
 
 from .domain import (
     ChatEvent,
@@ -28,7 +28,15 @@ from .domain import (
     Sampling,
     TextDelta,
 )
-from .errors import ContextOverflow, EngineNotReady, ModelLoadError, Overloaded, SessionNotFound
+from .errors import (
+    ContextOverflow,
+    EngineFailed,
+    EngineNotReady,
+    ModelLoadError,
+    Overloaded,
+    SessionNotFound,
+    SessionStoreError,
+)
 from .llama_runtime import LlamaRuntime
 from .metrics import EngineMetrics
 from .scheduler import BatchScheduler, Generation, Job
@@ -43,6 +51,8 @@ R = TypeVar("R")
 
 # Longest wait between two looks for sessions past their TTL.
 EXPIRY_INTERVAL_S = 60.0
+# While the session store cannot be written, how often it is tried again.
+STORE_PROBE_INTERVAL_S = 2.0
 
 
 class Engine(Protocol):
@@ -83,7 +93,7 @@ class Engine(Protocol):
         ...
 
     def model_info(self) -> ModelInfo:
-        """The model served, and whether it is loaded."""
+        """The model served, whether it is loaded, and whether a chat can succeed."""
         ...
 
     async def metrics_text(self) -> str:
@@ -135,6 +145,14 @@ class LlamaEngine:
     calls, so a clear and a finishing turn of the same session cannot cross: a
     turn's exchange is committed (and for a durable store, on disk) before its
     ``ChatResult`` is yielded.
+
+    Health: ``unavailable_reason()`` says why a chat cannot succeed now (the
+    model is loading, the scheduler failed, the store cannot be written), and
+    ``health_changed()`` wakes when that may have changed. A failed write marks
+    the store unwritable until a write succeeds again (tried every
+    ``STORE_PROBE_INTERVAL_S``); clears and reads go on meanwhile, so that
+    space can be freed. A scheduler that dies resolves ``failed``: nothing
+    more can be generated, and the process should exit to be restarted.
     """
 
     def __init__(
@@ -152,10 +170,18 @@ class LlamaEngine:
         self._expiry: asyncio.Task[None] | None = None
         self._closed = False
         self._scheduler = BatchScheduler(
-            load_runtime, saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024
+            load_runtime,
+            saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024,
+            on_failure=self._scheduler_failed,
         )
         self._runtime: LlamaRuntime | None = None
-        self.metrics = EngineMetrics(model_name)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: asyncio.Future[EngineFailed] | None = None
+        """Resolved when the scheduler stops on an unexpected error (after ``load``)."""
+        self._store_problem: str | None = None
+        self._store_probe: asyncio.Task[None] | None = None
+        self._health_event = asyncio.Event()
+        self.metrics = EngineMetrics(model_name, restarts=settings.supervisor_restarts)
         self.metrics.track_load(
             running=lambda: self._scheduler.running, waiting=lambda: self._scheduler.waiting
         )
@@ -171,12 +197,43 @@ class LlamaEngine:
 
         Raises ``ModelLoadError`` if llama.cpp cannot load the file.
         """
+        self._loop = asyncio.get_running_loop()
+        self.failed = self._loop.create_future()
         try:
-            self._runtime = await asyncio.wrap_future(self._scheduler.start())
+            runtime = await asyncio.wrap_future(self._scheduler.start())
         except (ValueError, RuntimeError, OSError) as error:
             raise ModelLoadError(f"Could not load the model: {error}") from error
+        self._runtime = cast(LlamaRuntime, runtime)
+        self._health_changes()
         if self._settings.session_ttl_s:
             self._expiry = asyncio.create_task(self._expire_sessions())
+
+    def _scheduler_failed(self, failure: EngineFailed) -> None:
+        """On the scheduler's thread, as it ends on an unexpected error."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._note_failure, failure)
+
+    def _note_failure(self, failure: EngineFailed) -> None:
+        self._runtime = None
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_result(failure)
+        self._health_changes()
+
+    def _health_changes(self) -> None:
+        self._health_event.set()
+        self._health_event = asyncio.Event()
+
+    def health_changed(self) -> Awaitable[bool]:
+        """Resolves once ``unavailable_reason()`` may have changed since this call."""
+        return self._health_event.wait()
+
+    def unavailable_reason(self) -> str | None:
+        """Why a chat cannot succeed now; ``None`` when it can."""
+        if self.failed is not None and self.failed.done():
+            return str(self.failed.result())
+        if self._runtime is None:
+            return str(EngineNotReady())
+        return self._store_problem
 
     async def aclose(self) -> None:
         """End what still runs (as cancelled), free the model, stop the threads,
@@ -185,8 +242,9 @@ class LlamaEngine:
             return
         self._closed = True
         self._runtime = None
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for task in (self._expiry, self._store_probe):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self._scheduler.stop)
         # After the calls already queued, so that what they commit is kept.
         await asyncio.get_running_loop().run_in_executor(self._store_thread, self._store.close)
@@ -200,6 +258,43 @@ class LlamaEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._store_thread, partial(call, *args, **kwargs))
 
+    async def _write_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``_in_store`` for a call that writes: a ``SessionStoreError`` marks
+        the store unwritable (and starts trying it again), a success clears that."""
+        try:
+            result = await self._in_store(call, *args, **kwargs)
+        except SessionStoreError as error:
+            self._store_failed(str(error))
+            raise
+        self._store_writable()
+        return result
+
+    def _store_failed(self, problem: str) -> None:
+        if self._store_problem is None:
+            log.error("%s; health says NOT_SERVING until a write succeeds", problem)
+        self._store_problem = problem
+        self._health_changes()
+        if self._store_probe is None or self._store_probe.done():
+            self._store_probe = asyncio.create_task(self._probe_store())
+
+    def _store_writable(self) -> None:
+        if self._store_problem is not None:
+            log.info("the session store can be written again")
+            self._store_problem = None
+            self._health_changes()
+
+    async def _probe_store(self) -> None:
+        while self._store_problem is not None:
+            await asyncio.sleep(STORE_PROBE_INTERVAL_S)
+            try:
+                await self._in_store(self._store.check_writable)
+            except SessionStoreError as error:
+                self._store_problem = str(error)
+            except EngineNotReady:
+                return  # closing
+            else:
+                self._store_writable()
+
     def _forget_kv(self, session_ids: list[str]) -> None:
         for session_id in session_ids:
             self._scheduler.forget_session(session_id)
@@ -209,7 +304,7 @@ class LlamaEngine:
         while True:
             await asyncio.sleep(interval)
             try:
-                expired = await self._in_store(self._store.expire)
+                expired = await self._write_store(self._store.expire)
             except Exception:  # a failing disk must not end the expiry for good
                 log.exception("removing expired sessions failed")
                 continue
@@ -222,6 +317,8 @@ class LlamaEngine:
                 self._forget_kv(expired)
 
     def _require_runtime(self) -> LlamaRuntime:
+        if self.failed is not None and self.failed.done():
+            raise self.failed.result()
         if self._runtime is None:
             raise EngineNotReady()
         return self._runtime
@@ -301,7 +398,7 @@ class LlamaEngine:
                         continue
                     if event.finish_reason is not FinishReason.CANCELLED:
                         exchange = Exchange(request.message, event.text)
-                        self._forget_kv(await self._in_store(self._commit, session_id, exchange))
+                        self._forget_kv(await self._write_store(self._commit, session_id, exchange))
                     yield _result(session_id, prompt, event)
         finally:
             self._cleared_while_generating.pop(session_id, None)
@@ -429,6 +526,7 @@ class LlamaEngine:
             id=self._model_name,
             context_size=runtime.n_ctx if runtime is not None else self._settings.n_ctx,
             loaded=runtime is not None,
+            unavailable_reason=self.unavailable_reason(),
         )
 
     async def metrics_text(self) -> str:

@@ -54,3 +54,20 @@ class EngineNotReady(EngineError):
 
 class ModelLoadError(EngineError):
     """The model file could not be loaded (not a GGUF file, unsupported, too big)."""
+
+
+class EngineFailed(EngineError):
+    """The engine stopped on an unexpected error (the scheduler's thread
+    died): nothing more can be generated until the core is restarted."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"The inference core failed and must restart: {cause!r}")
+        self.cause = cause
+
+
+class NoRoomInKvCache(EngineError):
+    """llama.cpp found no room in the KV cache for this request's tokens, even
+    decoded alone; other requests go on."""
+
+    def __init__(self) -> None:
+        super().__init__("No room in the KV cache for this request; try a shorter one")

@@ -5,6 +5,7 @@
 ``llama_sampler`` chains, ``llama_state_seq_*``). It knows nothing of
 sessions, scheduling, asyncio, gRPC or HTTP.
 
+It implements ``runtime.Runtime``, what the scheduler needs of a model.
 Thread rules: everything that touches the context (``decode``, ``sample``,
 ``forget``, ``save_sequence``, ``restore_sequence``, ``close``) runs on one
 thread, the scheduler's. ``tokenize_chat``, ``piece`` and ``is_end_of_generation``
@@ -17,8 +18,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import llama_cpp
@@ -26,6 +27,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from .domain import Sampling
+from .runtime import BatchEntry, DecodeFailed, NoKvSlot, TokenSampler
+
+__all__ = ["BatchEntry", "LlamaRuntime", "Sampler", "llama_system_info"]
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +55,74 @@ CHATML_TEMPLATE = (
 # Samplers besides temperature and top_p keep llama.cpp's own defaults.
 TOP_K = 40
 MIN_P = 0.05
+# Below this temperature, dividing the logits by it overflows to noise; such a
+# request samples greedily, as vLLM does (its _SAMPLING_EPS).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# A first guess at a token's size; a longer piece is read again at its size.
+PIECE_BUFFER_BYTES = 256
 
-_backend_ready = False
+# llama.cpp's log levels (enum ggml_log_level in ggml.h; llama-cpp-python's
+# _logger.py still has an older order); CONT continues the last line.
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_LOG_CONT = 5
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([\d.]+) MiB")
 
 
-def _init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        # llama.cpp logs through llama-cpp-python's logger; keep only its errors.
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+class _LlamaLog:
+    """llama.cpp's log, whose callback is one for the whole process: warnings
+    and errors go to the ``llama.cpp`` logger, and the lines that say which
+    buffer type each part of a model was loaded into are kept (``buffers``)."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("llama.cpp")
+        self._line = ""
+        self._level = logging.INFO
+        self.buffers: list[str] = []
+        # Kept referenced: llama.cpp calls it for as long as the process runs.
+        self.callback = llama_cpp.llama_log_callback(self._on_text)
+
+    def _on_text(self, level: int, text: bytes, user_data: object) -> None:
+        if level != _LOG_CONT:
+            self._level = _LOG_LEVELS.get(level, logging.DEBUG)
+        self._line += text.decode("utf-8", errors="replace")
+        while "\n" in self._line:
+            line, self._line = self._line.split("\n", 1)
+            if match := _BUFFER_LINE.search(line):
+                self.buffers.append(f"{match[1]} {match[2]} MiB")
+            if self._level >= logging.WARNING and line.strip():
+                self._log.log(self._level, "%s", line.strip())
+
+
+_llama_log: _LlamaLog | None = None
+
+
+def _init_backend() -> _LlamaLog:
+    """Initialise llama.cpp once per process, its log routed through ``_LlamaLog``."""
+    global _llama_log
+    if _llama_log is None:
+        _llama_log = _LlamaLog()
+        llama_cpp.llama_log_set(_llama_log.callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        _backend_ready = True
+    return _llama_log
 
 
-@dataclass(frozen=True)
-class BatchEntry:
-    """One token of a batch: which sequence, at which position, and whether
-    its logits are wanted (to sample the sequence's next token)."""
+def llama_system_info() -> str:
+    """llama.cpp's report of its build and the CPU features it uses."""
+    _init_backend()
+    return cast(bytes, llama_cpp.llama_print_system_info()).decode("utf-8", errors="replace")
 
-    token: int
-    position: int
-    sequence: int
-    wants_logits: bool
+
+def read_sized(fill: Callable[[ctypes.Array[ctypes.c_char], int], int], size: int) -> bytes:
+    """What a llama.cpp call that writes into a buffer wrote; such a call
+    returns ``-needed`` when the buffer is too small, and is asked again with
+    a buffer of that size, so nothing is ever cut short."""
+    buffer = ctypes.create_string_buffer(size)
+    written = fill(buffer, size)
+    if written < 0:
+        size = -written
+        buffer = ctypes.create_string_buffer(size)
+        written = fill(buffer, size)
+    return buffer.raw[: max(written, 0)]
 
 
 class Sampler:
@@ -83,7 +133,7 @@ class Sampler:
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
-        if sampling.temperature <= 0.0:
+        if sampling.temperature < GREEDY_BELOW_TEMPERATURE:
             add(llama_cpp.llama_sampler_init_greedy())
             return
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
@@ -113,15 +163,22 @@ class LlamaRuntime:
         n_gpu_layers: int,
         n_threads: int | None,
         n_batch: int,
+        extra_buffer_types: bool = True,
     ) -> None:
-        _init_backend()
+        llama_log = _init_backend()
         if not os.path.isfile(model_path):
             raise ValueError(f"Model file not found: {model_path}")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 2**31 - 1
+        # Weight repacking into the CPU's extra buffer types (AMX, CPU_REPACK):
+        # see cpu_features.py for when it must be off.
+        model_params.use_extra_bufts = extra_buffer_types
+        logged = len(llama_log.buffers)
         self._model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {model_path}")
+        self.model_buffers = llama_log.buffers[logged:]
+        """Where the weights went, as llama.cpp said: ``["CPU_Mapped 98.5 MiB", ...]``."""
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
 
         threads = n_threads or os.cpu_count() or 1
@@ -196,10 +253,13 @@ class LlamaRuntime:
         return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
 
     def piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for (control tokens: none)."""
-        buffer = ctypes.create_string_buffer(256)
-        size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 256, 0, False)
-        return buffer.raw[: max(size, 0)]
+        """The bytes a generated token stands for, whole (control tokens: none)."""
+        return read_sized(
+            lambda buffer, size: llama_cpp.llama_token_to_piece(
+                self._vocab, token, buffer, size, 0, False
+            ),
+            PIECE_BUFFER_BYTES,
+        )
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -217,16 +277,23 @@ class LlamaRuntime:
             batch.logits[i] = entry.wants_logits
         batch.n_tokens = len(entries)
         status = llama_cpp.llama_decode(self._ctx, batch)
+        if status == 1:
+            raise NoKvSlot(f"no room in the KV cache for a batch of {len(entries)} tokens")
         if status != 0:
-            raise RuntimeError(f"llama_decode failed with status {status}")
+            raise DecodeFailed(f"llama_decode failed with status {status}")
 
-    def sample(self, sampler: Sampler, batch_index: int) -> int:
+    def sampler(self, sampling: Sampling) -> Sampler:
+        return Sampler(sampling)
+
+    def sample(self, sampler: TokenSampler, batch_index: int) -> int:
         """Draw (and accept) the next token from the logits of a batch entry."""
-        return llama_cpp.llama_sampler_sample(sampler._chain, self._ctx, batch_index)
+        chain = cast(Sampler, sampler)._chain
+        return llama_cpp.llama_sampler_sample(chain, self._ctx, batch_index)
 
-    def forget(self, sequence: int, from_position: int = 0) -> None:
-        """Drop a sequence's KV cells from ``from_position`` on."""
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence, from_position, -1)
+    def forget(self, sequence: int, from_position: int = 0) -> bool:
+        """Drop a sequence's KV cells from ``from_position`` on; ``False`` (and
+        nothing dropped) where the model keeps no cells it could cut there."""
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, from_position, -1))
 
     def save_sequence(self, sequence: int) -> bytes:
         """A copy of a sequence's KV cells, to restore later."""

@@ -41,7 +41,7 @@ class EngineMetrics:
     gauge is set by the engine just before a scrape.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, *, restarts: int = 0) -> None:
         self.registry = CollectorRegistry()
         self._model = model_name
         labels = ["model_name"]
@@ -105,6 +105,11 @@ class EngineMetrics:
         self._sessions = Gauge(
             PREFIX + "sessions", "Sessions kept.", labels, registry=self.registry
         ).labels(model_name)
+        Gauge(
+            PREFIX + "core_restarts",
+            "Times llamachat-serve has restarted the core after it exited unexpectedly.",
+            registry=self.registry,
+        ).set(restarts)
 
     def track_load(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Read the running and waiting requests from these at each scrape."""

@@ -1,17 +1,25 @@
 """Continuous batching on one llama.cpp context, with per-session KV reuse.
 
-``BatchScheduler`` owns the ``LlamaRuntime`` and the one thread that calls
-it. Each step of its loop:
+``BatchScheduler`` owns the runtime (a ``runtime.Runtime``: ``LlamaRuntime``,
+or a scripted double in the unit tests) and the one thread that calls it.
+Each step of its loop:
 
 1. settles what other threads asked for (new jobs, cancellations, sessions to
    forget);
 2. admits waiting jobs, oldest first, to free sequence slots (see
    ``slots.SlotTable`` for which slot a job gets and what it reuses);
-3. builds one batch: the next token of every generating job, then chunks of
+3. plans one batch: the next token of every generating job, then chunks of
    the prompts still being evaluated, up to ``n_batch`` tokens in all, so a
    long prompt never freezes the running streams for longer than one chunk;
-4. decodes it, samples each job that has logits with its own sampler chain,
-   and hands the pieces to the job's callback.
+4. decodes it; when llama.cpp finds no room in the KV cache for the whole
+   batch, each job's part is decoded alone, and a job that does not fit even
+   so fails alone (as llama.cpp's server shrinks its batch);
+5. applies the result: samples each job that has logits with its own sampler
+   chain and hands the pieces to the job's callback.
+
+An unexpected error on the thread (one that no job can be blamed for) ends
+it: every job gets ``EngineFailed`` and ``on_failure`` is called, so that the
+process can say it no longer serves and exit to be restarted.
 
 It knows nothing of asyncio, gRPC or HTTP: jobs carry plain callbacks that the
 engine points at its event loop.
@@ -30,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .domain import FinishReason, Sampling
-from .errors import EngineNotReady
-from .llama_runtime import BatchEntry, LlamaRuntime, Sampler
+from .errors import EngineFailed, EngineNotReady, NoRoomInKvCache
+from .runtime import BatchEntry, DecodeFailed, NoKvSlot, Runtime, TokenSampler
 from .slots import Slot, SlotTable
 from .stop_sequences import StopSequences
 
@@ -89,7 +97,7 @@ class _Running:
     job: Job
     queue_time_s: float
     slot: Slot
-    sampler: Sampler
+    sampler: TokenSampler
     unevaluated: list[int]
     cached_tokens: int
     budget: int
@@ -125,17 +133,67 @@ class _Running:
             _notify(self.job.on_piece, text)
 
 
+@dataclass
+class _Plan:
+    """One batch: its entries in decode order, which entries' logits each job
+    samples from, and the tokens each job's slot holds once it is decoded."""
+
+    entries: list[BatchEntry] = field(default_factory=list)
+    sampled: list[tuple[_Running, int]] = field(default_factory=list)
+    evaluated: list[tuple[_Running, list[int]]] = field(default_factory=list)
+
+    def ordered(self) -> _Plan:
+        """The same batch with each sequence's entries together, in increasing
+        sequence order: llama.cpp computes sequences of separate KV streams
+        together only so."""
+        order = sorted(
+            range(len(self.entries)),
+            key=lambda i: (self.entries[i].sequence, self.entries[i].position),
+        )
+        index_of = {old: new for new, old in enumerate(order)}
+        return _Plan(
+            [self.entries[i] for i in order],
+            [(item, index_of[index]) for item, index in self.sampled],
+            self.evaluated,
+        )
+
+    def per_job(self) -> list[_Plan]:
+        """One batch for each job's part of this one."""
+        plans = []
+        for item, tokens in self.evaluated:
+            sequence = item.slot.sequence
+            indexes = [i for i, entry in enumerate(self.entries) if entry.sequence == sequence]
+            renumbered = {old: new for new, old in enumerate(indexes)}
+            plans.append(
+                _Plan(
+                    [self.entries[i] for i in indexes],
+                    [(job, renumbered[i]) for job, i in self.sampled if job is item],
+                    [(item, tokens)],
+                )
+            )
+        return plans
+
+
 class BatchScheduler:
     """Runs every job on one llama.cpp context, many sequences per batch."""
 
-    def __init__(self, load_runtime: Callable[[], LlamaRuntime], *, saved_state_bytes: int) -> None:
+    def __init__(
+        self,
+        load_runtime: Callable[[], Runtime],
+        *,
+        saved_state_bytes: int,
+        on_failure: Callable[[EngineFailed], None] | None = None,
+    ) -> None:
         self._load_runtime = load_runtime
         self._saved_state_bytes = saved_state_bytes
+        self._on_failure = on_failure
+        self.failure: BaseException | None = None
+        """The error that ended the thread, if one did."""
         self._wakeup = threading.Condition()
         self._inbox: deque[Job] = deque()
         self._forget: deque[str] = deque()
         self._stopping = False
-        self._loaded: Future[LlamaRuntime] = Future()
+        self._loaded: Future[Runtime] = Future()
         self.running = 0
         """Jobs in a slot, as of the last step (read from any thread)."""
         self.waiting = 0
@@ -144,7 +202,7 @@ class BatchScheduler:
 
     # --- any thread ------------------------------------------------------------
 
-    def start(self) -> Future[LlamaRuntime]:
+    def start(self) -> Future[Runtime]:
         """Start the thread; the future resolves once the model is loaded (or failed)."""
         self._thread.start()
         return self._loaded
@@ -189,6 +247,7 @@ class BatchScheduler:
         slots = SlotTable(runtime, saved_state_bytes=self._saved_state_bytes)
         waiting: deque[Job] = deque()
         running: list[_Running] = []
+        failure: EngineFailed | None = None
         try:
             while True:
                 with self._wakeup:
@@ -211,18 +270,25 @@ class BatchScheduler:
                     self._step(runtime, slots, running)
                     # Also before the loop sleeps, once the last job ended.
                     self.running = len(running)
-        except BaseException:
+        except Exception as error:  # the thread ends; each job and the process are told
             log.exception("the scheduler stopped on an unexpected error")
-            raise
+            self.failure = error
+            failure = EngineFailed(error)
         finally:
             with self._wakeup:
                 self._stopping = True  # submit() refuses from now on
                 waiting.extend(self._inbox)
                 self._inbox.clear()
+            # The process hears of a failure before any job does.
+            if failure is not None and self._on_failure is not None:
+                _notify(self._on_failure, failure)
             for item in list(running):
-                self._finish(running, item, FinishReason.CANCELLED)
+                if failure is None:
+                    self._finish(running, item, FinishReason.CANCELLED)
+                else:
+                    self._fail(running, item, failure)
             for job in waiting:
-                _notify(job.on_done, job.never_admitted())
+                _notify(job.on_done, job.never_admitted() if failure is None else failure)
             self.running = self.waiting = 0
             runtime.close()
 
@@ -235,7 +301,7 @@ class BatchScheduler:
 
     def _admit(
         self,
-        runtime: LlamaRuntime,
+        runtime: Runtime,
         slots: SlotTable,
         waiting: deque[Job],
         running: list[_Running],
@@ -252,7 +318,7 @@ class BatchScheduler:
                     job=job,
                     queue_time_s=time.monotonic() - job.submitted_at,
                     slot=slot,
-                    sampler=Sampler(job.sampling),
+                    sampler=runtime.sampler(job.sampling),
                     unevaluated=job.prompt[cached:],
                     cached_tokens=cached,
                     budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
@@ -260,20 +326,50 @@ class BatchScheduler:
                 )
             )
 
-    def _step(self, runtime: LlamaRuntime, slots: SlotTable, running: list[_Running]) -> None:
-        entries: list[BatchEntry] = []
-        sampled: list[tuple[_Running, int]] = []
-        evaluated: list[tuple[_Running, list[int]]] = []
+    def _step(self, runtime: Runtime, slots: SlotTable, running: list[_Running]) -> None:
+        plan = self._plan(runtime, running).ordered()
+        try:
+            runtime.decode(plan.entries)
+        except NoKvSlot as error:
+            if len(plan.evaluated) == 1:
+                self._fail_batch(slots, running, plan, NoRoomInKvCache(), error)
+                return
+            log.warning("%s; decoding each of its %d jobs alone", error, len(plan.evaluated))
+            for alone in plan.per_job():
+                self._execute_alone(runtime, slots, running, alone)
+            return
+        except DecodeFailed as error:
+            self._fail_batch(slots, running, plan, error, error)
+            return
+        self._apply(runtime, running, plan)
+
+    def _execute_alone(
+        self, runtime: Runtime, slots: SlotTable, running: list[_Running], plan: _Plan
+    ) -> None:
+        try:
+            runtime.decode(plan.entries)
+        except NoKvSlot as error:
+            self._fail_batch(slots, running, plan, NoRoomInKvCache(), error)
+        except DecodeFailed as error:
+            self._fail_batch(slots, running, plan, error, error)
+        else:
+            self._apply(runtime, running, plan)
+
+    @staticmethod
+    def _plan(runtime: Runtime, running: list[_Running]) -> _Plan:
+        """The next token of every generating job, then prompt chunks, up to
+        ``n_batch`` tokens; a prompt's last token asks for logits."""
+        plan = _Plan()
         generating = [item for item in running if item.next_token is not None]
         prefilling = [item for item in running if item.next_token is None]
         for item in generating:
             token = item.next_token
             assert token is not None  # what makes it generating
-            sampled.append((item, len(entries)))
-            entries.append(BatchEntry(token, len(item.slot.tokens), item.slot.sequence, True))
-            evaluated.append((item, [token]))
+            plan.sampled.append((item, len(plan.entries)))
+            plan.entries.append(BatchEntry(token, len(item.slot.tokens), item.slot.sequence, True))
+            plan.evaluated.append((item, [token]))
         for item in prefilling:
-            room = runtime.n_batch - len(entries)
+            room = runtime.n_batch - len(plan.entries)
             if room <= 0:
                 break
             chunk, item.unevaluated = item.unevaluated[:room], item.unevaluated[room:]
@@ -281,28 +377,31 @@ class BatchScheduler:
             for offset, token in enumerate(chunk):
                 last = not item.unevaluated and offset == len(chunk) - 1
                 if last:
-                    sampled.append((item, len(entries)))
-                entries.append(BatchEntry(token, start + offset, item.slot.sequence, last))
-            evaluated.append((item, chunk))
-        # llama.cpp computes sequences of separate KV streams together only when
-        # they come in increasing order; keep each sequence's positions in order.
-        order = sorted(
-            range(len(entries)), key=lambda i: (entries[i].sequence, entries[i].position)
-        )
-        entries = [entries[i] for i in order]
-        index_of = {old: new for new, old in enumerate(order)}
-        sampled = [(item, index_of[index]) for item, index in sampled]
-        try:
-            runtime.decode(entries)
-        except Exception as error:  # reported to each job of the batch
-            log.error("llama_decode failed for %d jobs: %r", len(evaluated), error)
-            for item, _ in evaluated:
-                slots.invalidate(item.slot)
-                self._fail(running, item, error)
-            return
-        for item, tokens in evaluated:
+                    plan.sampled.append((item, len(plan.entries)))
+                plan.entries.append(BatchEntry(token, start + offset, item.slot.sequence, last))
+            plan.evaluated.append((item, chunk))
+        return plan
+
+    def _fail_batch(
+        self,
+        slots: SlotTable,
+        running: list[_Running],
+        plan: _Plan,
+        error: BaseException,
+        cause: BaseException,
+    ) -> None:
+        """Each job of a batch that was not decoded ends with ``error``; their
+        cells' content is unknown, so the slots are emptied."""
+        log.error("llama_decode failed for %d jobs: %r", len(plan.evaluated), cause)
+        for item, _ in plan.evaluated:
+            slots.invalidate(item.slot)
+            self._fail(running, item, error)
+
+    def _apply(self, runtime: Runtime, running: list[_Running], plan: _Plan) -> None:
+        """Record what the slots now hold, then sample every job that has logits."""
+        for item, tokens in plan.evaluated:
             item.slot.tokens.extend(tokens)
-        for item, index in sampled:
+        for item, index in plan.sampled:
             token = runtime.sample(item.sampler, index)
             if runtime.is_end_of_generation(token):
                 self._finish(running, item, FinishReason.STOP)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from .engine import Engine
 from .interceptors import ApiKeyInterceptor, MalformedRequestInterceptor
+from .reflection import enable_server_reflection
 from .servicer import ChatServicer
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -83,11 +84,11 @@ async def create_server(
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    enable_server_reflection(
         (
             CHAT_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+            grpc_reflection.SERVICE_NAME,
         ),
         server,
     )

@@ -19,8 +19,10 @@ from . import domain
 from .engine import Engine
 from .errors import (
     EngineError,
+    EngineFailed,
     EngineNotReady,
     InvalidRequest,
+    NoRoomInKvCache,
     Overloaded,
     SessionNotFound,
     SessionStoreError,
@@ -34,6 +36,8 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     EngineNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SessionStoreError: grpc.StatusCode.UNAVAILABLE,
+    EngineFailed: grpc.StatusCode.UNAVAILABLE,
+    NoRoomInKvCache: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 ROLES = {
@@ -209,7 +213,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.GetModelResponse:
         model = self._engine.model_info()
         return chat_pb2.GetModelResponse(
-            id=model.id, context_size=model.context_size, loaded=model.loaded
+            id=model.id,
+            context_size=model.context_size,
+            loaded=model.loaded,
+            unavailable_reason=model.unavailable_reason or "",
         )
 
     @maps_errors

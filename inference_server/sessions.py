@@ -73,6 +73,11 @@ class SessionStore(Protocol):
         """Remove the sessions idle for longer than the TTL; returns their ids."""
         ...
 
+    def check_writable(self) -> None:
+        """Write and drop a little data, durably; raises ``SessionStoreError``
+        while the store cannot be written (a full disk)."""
+        ...
+
     def close(self) -> None:
         """Release the store's resources."""
         ...
@@ -119,6 +124,9 @@ class InMemorySessionStore:
             del self._sessions[session_id]
         return expired
 
+    def check_writable(self) -> None:
+        pass  # memory is written as long as the process lives
+
     def close(self) -> None:
         pass  # nothing to release
 
@@ -131,6 +139,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (use_order);
 CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (last_used);
+CREATE TABLE IF NOT EXISTS write_probe (
+    id   INTEGER PRIMARY KEY,
+    data BLOB NOT NULL          -- written and deleted by check_writable
+);
 CREATE TABLE IF NOT EXISTS exchanges (
     session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
     turn       INTEGER NOT NULL,
@@ -147,6 +159,8 @@ class SqliteSessionStore:
     ``append`` commits the exchange, the window trim and any eviction in one
     transaction before it returns, so an acknowledged exchange survives a
     crash of the process or of the machine, and a half exchange never exists.
+    Opening checks the file (``PRAGMA quick_check``): a corrupt one is refused
+    with ``SessionStoreError`` rather than served half-readable.
     """
 
     def __init__(self, path: str | Path, retention: Retention) -> None:
@@ -160,9 +174,16 @@ class SqliteSessionStore:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA busy_timeout = 5000")
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as error:
             raise SessionStoreError(f"cannot open {path}: {error}") from error
+        if problems != ["ok"]:
+            self._db.close()
+            raise SessionStoreError(
+                f"{path} is corrupt (PRAGMA quick_check: {'; '.join(problems[:3])}); "
+                "restore it from a backup, or move it away to start with no sessions"
+            )
 
     @contextmanager
     def _transaction(self, *, writes: bool = True) -> Iterator[sqlite3.Connection]:
@@ -173,10 +194,12 @@ class SqliteSessionStore:
             self._db.execute("BEGIN IMMEDIATE" if writes else "BEGIN DEFERRED")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite has rolled back already after some errors (a full disk).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as error:
             raise SessionStoreError(str(error)) from error
 
@@ -246,6 +269,12 @@ class SqliteSessionStore:
                 "DELETE FROM sessions WHERE last_used < ? RETURNING id", (oldest_kept,)
             ).fetchall()
         return [row[0] for row in rows]
+
+    def check_writable(self) -> None:
+        # Two pages' worth, so that a full file or disk fails here as an append would.
+        with self._transaction() as db:
+            db.execute("INSERT INTO write_probe (data) VALUES (zeroblob(8192))")
+            db.execute("DELETE FROM write_probe")
 
     def close(self) -> None:
         self._db.close()

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamachat_process.logs import LogFormat
 
+from .cpu_features import RepackMode
+
 
 class ServerSettings(BaseSettings):
     """Configuration of the gRPC inference core."""
@@ -72,6 +74,13 @@ class ServerSettings(BaseSettings):
         description="Layers offloaded to the GPU; -1 offloads all. No effect on a "
         "CPU-only build of llama-cpp-python.",
     )
+    cpu_repack: RepackMode = Field(
+        default="auto",
+        description="llama.cpp's CPU extra buffer types (weight repacking: AMX, and "
+        "CPU_REPACK for some quantizations on AVX2/AVX-512/NEON): auto, on or off. "
+        "auto turns them off where the CPU reports AMX, whose repacked matmul "
+        "crashes on some CPUs (ggml-org/llama.cpp#20824), and on elsewhere.",
+    )
     n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for decoding. Default: all cores."
     )
@@ -122,6 +131,12 @@ class ServerSettings(BaseSettings):
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
+    )
+    supervisor_restarts: int = Field(
+        default=0,
+        ge=0,
+        description="Set by llamachat-serve: how often it has restarted this process "
+        "(shown in /metrics).",
     )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_format: LogFormat = Field(

@@ -28,7 +28,7 @@ class SequenceMemory(Protocol):
 
     n_sequences: int
 
-    def forget(self, sequence: int, from_position: int = 0) -> None: ...
+    def forget(self, sequence: int, from_position: int = 0) -> bool: ...
 
     def save_sequence(self, sequence: int) -> bytes: ...
 
@@ -125,10 +125,15 @@ class SlotTable:
     def reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
         """Keep the cached tokens that begin ``prompt`` and drop the rest;
         returns how many are kept. The prompt's last token is always evaluated
-        again, since its logits give the first token of the reply."""
+        again, since its logits give the first token of the reply. A model
+        that cannot cut a sequence short (recurrent, hybrid, sliding-window)
+        drops the whole sequence instead, and its prompt is evaluated in full."""
         kept = min(common_prefix_length(slot.tokens, prompt), len(prompt) - 1)
         if kept < len(slot.tokens):
-            self._memory.forget(slot.sequence, kept)
+            if not self._memory.forget(slot.sequence, kept):
+                log.info("sequence %d cannot be cut at %d; evaluating it anew", slot.sequence, kept)
+                self.invalidate(slot)
+                return 0
             del slot.tokens[kept:]
         return kept
 

@@ -10,9 +10,13 @@ import uvicorn
 
 from llamachat_process.cli import program_name
 from llamachat_process.logs import configure_logging
+from llamachat_process.parent import watch_parent
 
 from .app import create_app
 from .settings import GatewaySettings
+
+# Once the supervisor is gone: the drain's grace, then this much, then exit.
+PARENT_GONE_EXTRA_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         _cli_prog_name=program_name("rest_gateway"),
     )
     configure_logging(settings.log_level, settings.log_format)
+    watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)
     # uvicorn's loggers go to the root handler; its access log is replaced by
     # the one line per request of rest_gateway.observe.
     config = uvicorn.Config(

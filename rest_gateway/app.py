@@ -71,7 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = GatewayMetrics()
+    app.state.metrics = GatewayMetrics(restarts=settings.supervisor_restarts)
     app.state.started = int(time.time())
     # Metadata of every call to the core.
     app.state.core_metadata = (

@@ -5,9 +5,14 @@
 
 The model is ``model_path``, else ``MODEL_PATH``, else the default model. Both
 processes read their other settings from the environment (see the README).
-Ctrl-C or SIGTERM is passed to both, which stop taking requests, let those in
-flight finish (SHUTDOWN_GRACE_S) and exit; this command exits 0 when both did.
-If either exits on its own, the other is stopped too and this command exits 1.
+
+Both run under a supervisor (``llamachat_process.supervisor``): one that
+exits unexpectedly is started again with backoff, while the other keeps
+serving (the gateway answers 503 until the core is back); after a crash loop
+this command gives up, says why in one line and exits 1. Ctrl-C or SIGTERM is
+passed to both, which stop taking requests, let those in flight finish
+(SHUTDOWN_GRACE_S) and exit; this command then exits 0 when both did. If this
+command dies, even by ``kill -9``, both notice and exit within seconds.
 
 It lives beside the gateway, not in the core, because it reads the gateway's
 settings (to print the URL it serves): the core never imports the gateway.
@@ -16,51 +21,42 @@ settings (to print the URL it serves): the core never imports the gateway.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from llamachat_process.logs import configure_logging
+from llamachat_process.supervisor import RestartPolicy, Supervisor
 
 from .settings import GatewaySettings
 
 # Where this package was imported from: a checkout's root, or site-packages.
 PACKAGES_ROOT = Path(__file__).resolve().parents[1]
-STOP_TIMEOUT_S = 30.0
+
+log = logging.getLogger("llamachat.serve")
 
 
-def start(module: str, *args: str) -> subprocess.Popen[bytes]:
-    """Run ``python -m module`` in the caller's working directory (so relative
-    model paths mean what the user meant), importing the very packages this one
-    came from, whether a checkout or an installed copy. An installed copy is on
-    the interpreter's own path already; a checkout's root is put on PYTHONPATH
-    (never site-packages, which would come before the standard library)."""
+def child_env() -> dict[str, str]:
+    """The environment of ``python -m module`` run in the caller's working
+    directory (so relative model paths mean what the user meant), importing
+    the very packages this one came from, whether a checkout or an installed
+    copy. An installed copy is on the interpreter's own path already; a
+    checkout's root is put on PYTHONPATH (never site-packages, which would
+    come before the standard library)."""
     env = dict(os.environ)
     if not installed():
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(PACKAGES_ROOT), os.environ.get("PYTHONPATH")) if p
         )
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env)
+    return env
 
 
 def installed() -> bool:
     """Whether this package is an installed copy (a checkout has api_service.py
     beside it), which the interpreter finds by itself."""
     return not (PACKAGES_ROOT / "api_service.py").is_file()
-
-
-def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,6 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    gateway = GatewaySettings()
+    configure_logging(gateway.log_level, gateway.log_format)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -86,17 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     model = [args.model_path] if args.model_path else []
-    processes = [start("inference_server", *model), start("rest_gateway")]
-    gateway = GatewaySettings()
-    url = f"http://{gateway.host}:{gateway.port}"
-    print(f"LLaMA Chat API starting on {url} (Ctrl-C stops it)", flush=True)
+    env = child_env()
+    supervisor = Supervisor(RestartPolicy())
     try:
-        while not stopping and all(p.poll() is None for p in processes):
-            time.sleep(0.2)
+        supervisor.add("core", [sys.executable, "-m", "inference_server", *model], env)
+        supervisor.add("gateway", [sys.executable, "-m", "rest_gateway"], env)
+        url = f"http://{gateway.host}:{gateway.port}"
+        print(f"LLaMA Chat API starting on {url} (Ctrl-C stops it)", flush=True)
+        gave_up = supervisor.run(lambda: stopping)
     finally:
-        stop_all(processes)
+        codes = supervisor.stop_all()
+    if gave_up is not None:
+        log.error("llamachat-serve gives up: %s", gave_up)
+        return 1
     # Both drained and exited 0 on SIGTERM; anything else is a failure.
-    return 0 if all(p.returncode == 0 for p in processes) else 1
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ router = APIRouter()
 class GatewayMetrics:
     """The gateway's metrics, in a registry of its own (one per app)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, restarts: int = 0) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             PREFIX + "http_requests_total",
@@ -56,6 +56,11 @@ class GatewayMetrics:
             "1 if the inference core answered the last metrics scrape, else 0.",
             registry=self.registry,
         )
+        Gauge(
+            PREFIX + "gateway_restarts",
+            "Times llamachat-serve has restarted the gateway after it exited unexpectedly.",
+            registry=self.registry,
+        ).set(restarts)
 
     def observe_request(self, method: str, endpoint: str, status: int, duration_s: float) -> None:
         self._requests.labels(method, endpoint, str(status)).inc()

@@ -89,23 +89,40 @@ async def info() -> schemas.InfoResponse:
 @router.get(
     "/health",
     response_model=schemas.HealthResponse,
-    responses={503: {"model": schemas.HealthResponse, "description": "Model not loaded"}},
+    response_model_exclude_none=True,
+    responses={503: {"model": schemas.HealthResponse, "description": "A chat cannot succeed now"}},
 )
 async def health(
     stub: HealthStub,
+    chat: ChatStub,
     settings: Settings,
+    options: CallOptions,
 ) -> Any:
-    """Whether the core is reachable and its model loaded (503 otherwise)."""
+    """Whether a chat can succeed now: the core is reachable, its model loaded
+    and its session store writable (503 otherwise, with the reason)."""
     try:
         reply = await stub.Check(
             health_pb2.HealthCheckRequest(service=""), timeout=settings.health_timeout_s
         )
-        loaded = reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.aio.AioRpcError:
-        loaded = False
-    if loaded:
-        return schemas.HealthResponse(status="healthy", model_loaded=True)
-    return JSONResponse(status_code=503, content={"status": "unavailable", "model_loaded": False})
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return schemas.HealthResponse(status="healthy", model_loaded=True)
+        model = await chat.GetModel(
+            chat_pb2.GetModelRequest(),
+            timeout=settings.health_timeout_s,
+            metadata=options["metadata"],
+        )
+        unhealthy = schemas.HealthResponse(
+            status="unavailable",
+            model_loaded=model.loaded,
+            detail=model.unavailable_reason or "The core is not serving",
+        )
+    except grpc.aio.AioRpcError as error:
+        unhealthy = schemas.HealthResponse(
+            status="unavailable",
+            model_loaded=False,
+            detail=f"The inference core is unreachable: {error.code().name}",
+        )
+    return JSONResponse(status_code=503, content=unhealthy.model_dump(exclude_none=True))
 
 
 @router.post("/chat", response_model=schemas.ChatResponse, responses=ERRORS)

@@ -83,6 +83,12 @@ class SessionResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     model_loaded: bool
+    detail: str | None = Field(
+        default=None,
+        description="Why a chat cannot succeed now (503 only; an extension to the documented "
+        "API): the core is unreachable, the model is loading, the core failed, or the session "
+        "store cannot be written.",
+    )
 
 
 class InfoResponse(BaseModel):

@@ -61,6 +61,12 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="Seconds open requests get to finish on shutdown."
     )
+    supervisor_restarts: int = Field(
+        default=0,
+        ge=0,
+        description="Set by llamachat-serve: how often it has restarted this process "
+        "(shown in /metrics).",
+    )
     log_level: str = Field(default="info", description="Logging level.")
     log_format: LogFormat = Field(
         default="text",

@@ -39,6 +39,7 @@ class FakeEngine:
     def __init__(self, script: list[str] | None = None) -> None:
         self.script = script or ["Hello", ",", " world", "!"]
         self.ready = True
+        self.unavailable_reason: str | None = None  # reported by model_info, as a store problem
         self.overloaded = False  # refuse every chat as the real engine does past MAX_QUEUE
         self.fail_after: int | None = None  # raise after this many pieces
         self.hang_after: int | None = None  # wait for cancellation after this many pieces
@@ -92,7 +93,13 @@ class FakeEngine:
         return await collect(self.complete_stream(request))
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(id="fake-model", context_size=FAKE_N_CTX, loaded=self.ready)
+        return ModelInfo(
+            id="fake-model",
+            context_size=FAKE_N_CTX,
+            loaded=self.ready,
+            unavailable_reason=self.unavailable_reason
+            or (None if self.ready else "Model not loaded"),
+        )
 
     async def metrics_text(self) -> str:
         return self.metrics.exposition(self.store.count())

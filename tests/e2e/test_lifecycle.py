@@ -29,7 +29,7 @@ def readme_grpcurl_commands() -> list[str]:
 
 def test_readme_grpcurl_commands_work_as_printed(service: Service):
     commands = readme_grpcurl_commands()
-    assert len(commands) >= 9
+    assert len(commands) >= 10
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     outputs = {}
     for command in commands:
@@ -45,6 +45,8 @@ def test_readme_grpcurl_commands_work_as_printed(service: Service):
     listed = outputs["list"].split()
     assert {"llamachat.v1.ChatService", "grpc.health.v1.Health"} <= set(listed)
     assert "rpc ChatStream" in outputs["llamachat.v1.ChatService"]
+    method = outputs["llamachat.v1.ChatService.ChatStream"]
+    assert "is a method" in method and "rpc ChatStream" in method and "Chat" in method
     assert json.loads(outputs["grpc.health.v1.Health/Check"]) == {"status": "SERVING"}
     chat = json.loads(outputs["llamachat.v1.ChatService/Chat"])
     assert chat["session_id"] == "demo" and chat["text"] and chat["usage"]["completion_tokens"] > 0
@@ -107,15 +109,27 @@ def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
         assert probe.returncode != 0, f"port {port} still open"
 
 
-def test_the_core_refuses_a_model_file_that_does_not_exist(tmp_path):
-    env = service_env(free_port(), free_port(), tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "inference_server", str(tmp_path / "missing.gguf")],
+def run_core(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m inference_server ARGS`` to its end, its session store in ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, "-m", "inference_server", *args],
         cwd=ROOT,
-        env=env,
+        env=service_env(free_port(), free_port(), tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_the_core_refuses_a_model_file_that_does_not_exist(tmp_path):
+    done = run_core(tmp_path, str(tmp_path / "missing.gguf"))
     assert done.returncode == 2
     assert "Model file not found" in done.stderr
+
+
+def test_a_corrupt_session_store_stops_the_core_with_one_line_and_status_2(tmp_path):
+    (tmp_path / "sessions.db").write_bytes(b"not a database" * 100)
+    done = run_core(tmp_path)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "sessions.db: file is not a database" in errors[0], done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from inference_server.llama_runtime import BatchEntry, LlamaRuntime
+from inference_server.runtime import DecodeFailed
 
 
 class RecordingRuntime(LlamaRuntime):
@@ -39,5 +40,28 @@ class FailingRuntime(LlamaRuntime):
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         self.decodes += 1
         if self.decodes == 3:
-            raise RuntimeError("decode failed")
+            raise DecodeFailed("llama_decode failed with status -3")
         super().decode(entries)
+
+
+class RepackRecordingRuntime(LlamaRuntime):
+    """The real runtime, remembering whether it was asked to repack weights."""
+
+    def __init__(self, *args, extra_buffer_types: bool = True, **kwargs) -> None:
+        self.extra_buffer_types = extra_buffer_types
+        super().__init__(*args, extra_buffer_types=extra_buffer_types, **kwargs)
+
+
+class CrashingRuntime(LlamaRuntime):
+    """The real runtime, whose sampling raises an unexpected error from the
+    fourth token on (a bug on the scheduler's thread)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.samples = 0
+
+    def sample(self, sampler, batch_index: int) -> int:
+        self.samples += 1
+        if self.samples >= 4:
+            raise ValueError("an unexpected error while sampling")
+        return super().sample(sampler, batch_index)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from functools import partial
 
@@ -14,6 +14,7 @@ from inference_server.domain import FinishReason, Sampling
 from inference_server.model_files import default_model_path
 from inference_server.scheduler import BatchScheduler, Generation, Job
 from inference_server.settings import ServerSettings
+from tests.helpers import settle
 
 from .runtimes import RecordingRuntime
 
@@ -29,18 +30,6 @@ def scheduler() -> Iterator[BatchScheduler]:
     scheduler.start().result()
     yield scheduler
     scheduler.stop()
-
-
-def settle(future: Future[Generation]) -> Callable[[Generation | BaseException], None]:
-    """A job's ``on_done`` that resolves ``future`` with its generation or its error."""
-
-    def on_done(outcome: Generation | BaseException) -> None:
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-    return on_done
 
 
 def run(scheduler: BatchScheduler, prompt: list[int], cancel_after_pieces: int) -> Generation:

@@ -38,19 +38,39 @@ async def test_info(http):
     }
 
 
-async def test_health_is_200_when_the_model_is_loaded_and_503_while_loading(http, core):
+async def test_health_is_200_when_the_model_is_loaded_and_503_while_loading(http, core, engine):
     reply = await http.get("/health")
     assert (reply.status_code, reply.json()) == (200, {"status": "healthy", "model_loaded": True})
+    engine.ready = False
     await core.set_serving(False)
     reply = await http.get("/health")
-    assert reply.status_code == 503
-    assert reply.json()["model_loaded"] is False
+    assert (reply.status_code, reply.json()) == (
+        503,
+        {"status": "unavailable", "model_loaded": False, "detail": "Model not loaded"},
+    )
+
+
+async def test_health_says_why_a_loaded_core_does_not_serve(http, core, engine):
+    """A loaded model whose core cannot serve (its session store cannot be
+    written, say) is a 503 that says so, with model_loaded true."""
+    engine.unavailable_reason = "Session store unavailable: database or disk is full"
+    await core.set_serving(False)
+    reply = await http.get("/health")
+    assert (reply.status_code, reply.json()) == (
+        503,
+        {
+            "status": "unavailable",
+            "model_loaded": True,
+            "detail": "Session store unavailable: database or disk is full",
+        },
+    )
 
 
 async def test_core_unreachable_gives_503_on_health_and_chat():
     async with gateway_for(grpc_address=f"127.0.0.1:{free_port()}") as http:
         reply = await http.get("/health")
         assert (reply.status_code, reply.json()["model_loaded"]) == (503, False)
+        assert reply.json()["detail"] == "The inference core is unreachable: UNAVAILABLE"
         reply = await http.post("/chat", json={"message": "Hi"})
         assert reply.status_code == 503
         assert reply.json()["detail"]

@@ -165,3 +165,42 @@ def test_memory_is_chosen_by_its_name(tmp_path: Path):
     retention = Retention(5, 10, 0)
     assert isinstance(open_session_store(":memory:", retention), InMemorySessionStore)
     assert isinstance(open_session_store(str(tmp_path / "x.db"), retention), SqliteSessionStore)
+
+
+def test_a_file_that_is_not_a_database_is_refused_at_open(tmp_path: Path):
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is no SQLite file" * 100)
+    with pytest.raises(SessionStoreError, match="file is not a database"):
+        SqliteSessionStore(path, Retention(5, 10, 0))
+
+
+def test_a_damaged_database_is_refused_at_open(tmp_path: Path):
+    path = tmp_path / "s.db"
+    store = SqliteSessionStore(path, Retention(5, 1000, 0))
+    for n in range(200):
+        store.append(f"session {n}", Exchange("q" * 200, "a" * 200))
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[3 * page : 6 * page] = b"\xa5" * (3 * page)  # pages in the middle, header intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(SessionStoreError, match=r"corrupt|malformed"):
+        SqliteSessionStore(path, Retention(5, 1000, 0))
+
+
+def test_a_full_store_refuses_writes_keeps_what_it_had_and_recovers(tmp_path: Path):
+    store = SqliteSessionStore(tmp_path / "s.db", Retention(5, 10, 0))
+    store.append("big", Exchange("q", "x" * 50_000))
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # as a full disk
+    with pytest.raises(SessionStoreError, match="full"):
+        store.append("s", Exchange("q" * 10_000, "a"))
+    with pytest.raises(SessionStoreError, match="full"):
+        store.check_writable()
+    assert store.history("s") is None and store.history("big") is not None
+    store.delete("big")  # frees pages
+    store.check_writable()
+    store.append("s", Exchange("q" * 10_000, "a"))
+    assert store.session_ids() == ["s"]

@@ -9,12 +9,14 @@ from inference_server.slots import Slot, SlotTable, common_prefix_length
 class Memory:
     """Records what the table asks of llama.cpp's memory."""
 
-    def __init__(self, n_sequences: int) -> None:
+    def __init__(self, n_sequences: int, *, cuts: bool = True) -> None:
         self.n_sequences = n_sequences
+        self.cuts = cuts  # False: as a recurrent model, only whole sequences are dropped
         self.calls: list[tuple] = []
 
-    def forget(self, sequence: int, from_position: int = 0) -> None:
+    def forget(self, sequence: int, from_position: int = 0) -> bool:
         self.calls.append(("forget", sequence, from_position))
+        return self.cuts or from_position == 0
 
     def save_sequence(self, sequence: int) -> bytes:
         self.calls.append(("save", sequence))
@@ -76,6 +78,20 @@ def test_reuse_keeps_the_common_prefix_and_always_evaluates_the_last_token():
     assert memory.calls[-1] == ("forget", slot.sequence, 3)
     assert table.reuse_prefix(slot, [1, 2, 3]) == 2  # its logits start the reply
     assert slot.tokens == [1, 2]
+
+
+def test_a_model_that_cannot_cut_a_sequence_short_evaluates_the_prompt_in_full():
+    """llama_memory_seq_rm returns false for recurrent, hybrid and sliding-window
+    models asked to drop part of a sequence: the whole sequence goes."""
+    memory = Memory(1, cuts=False)
+    table = SlotTable(memory, saved_state_bytes=0)
+    slot = used(table, "a", [1, 2, 3, 4, 5])
+    table.acquire("a")
+    assert table.reuse_prefix(slot, [1, 2, 3, 9, 9]) == 0
+    assert slot.tokens == []
+    assert memory.calls[-2:] == [("forget", 0, 3), ("forget", 0, 0)]
+    slot.tokens = [1, 2, 3]
+    assert table.reuse_prefix(slot, [1, 2, 3, 4]) == 3  # nothing to cut: all kept
 
 
 def test_an_evicted_session_is_saved_then_restored_within_the_budget():

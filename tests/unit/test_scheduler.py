@@ -1,0 +1,130 @@
+"""The batch scheduler on a scripted runtime (no model): llama.cpp's failure
+returns, and the scheduler's own failure. (On the real model:
+tests/integration/test_scheduler.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+import pytest
+
+from inference_server.domain import FinishReason, Sampling
+from inference_server.errors import EngineFailed, EngineNotReady, NoRoomInKvCache
+from inference_server.scheduler import BatchScheduler, Generation, Job
+from tests.helpers import settle
+from tests.runtime_double import ScriptedRuntime
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=20, seed=None)
+TIMEOUT_S = 10
+
+
+class Run:
+    """A scheduler started on ``runtime``, and what its failure callback got."""
+
+    def __init__(self, runtime: ScriptedRuntime) -> None:
+        self.runtime = runtime
+        self.failures: list[EngineFailed] = []
+        self.scheduler = BatchScheduler(
+            lambda: runtime, saved_state_bytes=1024, on_failure=self.failures.append
+        )
+        self.scheduler.start().result(timeout=TIMEOUT_S)
+
+    def submit(self, prompt: list[int], session: str | None = None) -> Future[Generation]:
+        done: Future[Generation] = Future()
+        self.scheduler.submit(Job(session, prompt, GREEDY, lambda piece: None, settle(done)))
+        return done
+
+
+@pytest.fixture
+def run() -> Iterator[Callable[[ScriptedRuntime], Run]]:
+    runs: list[Run] = []
+
+    def start(runtime: ScriptedRuntime) -> Run:
+        runs.append(Run(runtime))
+        return runs[-1]
+
+    yield start
+    for started in runs:
+        started.scheduler.stop()
+
+
+def test_jobs_of_a_batch_with_no_room_are_decoded_each_alone(run):
+    runtime = ScriptedRuntime()
+    # llama_decode returns 1 for any batch of two sequences.
+    runtime.no_room = lambda entries: len({e.sequence for e in entries}) > 1
+    started = run(runtime)
+    first, second = started.submit([1, 2, 3]), started.submit([4, 5])
+    for job in (first, second):
+        generation = job.result(timeout=TIMEOUT_S)
+        assert (generation.text, generation.finish_reason) == ("<10><11><12>", FinishReason.STOP)
+    assert all(len({e.sequence for e in batch}) == 1 for batch in runtime.batches)
+    assert started.failures == []
+
+
+def test_a_job_with_no_room_even_alone_fails_alone_and_the_others_go_on(run):
+    runtime = ScriptedRuntime()
+    # Sequence 1 never fits (as a sequence whose cells are full).
+    runtime.no_room = lambda entries: any(e.sequence == 1 for e in entries)
+    started = run(runtime)
+    first, second = started.submit([1, 2, 3]), started.submit([4, 5])
+    assert first.result(timeout=TIMEOUT_S).text == "<10><11><12>"
+    with pytest.raises(NoRoomInKvCache):
+        second.result(timeout=TIMEOUT_S)
+    assert started.failures == []
+    runtime.no_room = lambda entries: False
+    assert started.submit([6]).result(timeout=TIMEOUT_S).text == "<10><11><12>"
+
+
+def test_a_token_piece_longer_than_256_bytes_arrives_whole(run):
+    long_piece = "é" * 200  # 400 bytes in UTF-8
+    runtime = ScriptedRuntime(reply=[10, 11], pieces={10: long_piece.encode()})
+    generation = run(runtime).submit([1, 2]).result(timeout=TIMEOUT_S)
+    assert generation.text == long_piece + "<11>"
+
+
+def test_a_model_that_cannot_cut_a_sequence_evaluates_the_next_turn_in_full(run):
+    runtime = ScriptedRuntime(n_sequences=1, reply=[10])
+    runtime.cuts = False
+    started = run(runtime)
+    started.submit([1, 2, 3], session="a").result(timeout=TIMEOUT_S)
+    turns = len(runtime.batches)
+    # The next turn shares [1, 2] but not 3: the cells cannot be cut after 2.
+    generation = started.submit([1, 2, 7, 8], session="a").result(timeout=TIMEOUT_S)
+    assert generation.cached_tokens == 0
+    prompt_batch = runtime.batches[turns]
+    assert [(e.token, e.position) for e in prompt_batch] == [(1, 0), (2, 1), (7, 2), (8, 3)]
+    assert generation.text == "<10>"
+
+
+def test_an_unexpected_error_fails_every_job_and_stops_the_scheduler(run):
+    runtime = ScriptedRuntime(n_sequences=1)
+    runtime.sample_error = ValueError("a bug on the scheduler's thread")
+    started = run(runtime)
+    running, waiting = started.submit([1, 2]), started.submit([3, 4])
+    for job in (running, waiting):
+        with pytest.raises(EngineFailed, match="a bug on the scheduler's thread"):
+            job.result(timeout=TIMEOUT_S)
+    assert [type(f) for f in started.failures] == [EngineFailed]
+    assert isinstance(started.scheduler.failure, ValueError)
+    assert runtime.closed
+    with pytest.raises(EngineNotReady):
+        started.submit([5])
+
+
+def test_a_cancelled_job_ends_as_cancelled_and_frees_its_sampler(run):
+    runtime = ScriptedRuntime(n_sequences=1, reply=list(range(10, 30)))
+    started = run(runtime)
+    done: Future[Generation] = Future()
+    pieces: list[str] = []
+
+    def on_piece(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            job.cancelled.set()
+
+    job = Job(None, [1, 2], GREEDY, on_piece, settle(done))
+    started.scheduler.submit(job)
+    generation = done.result(timeout=TIMEOUT_S)
+    assert (generation.finish_reason, generation.completion_tokens) == (FinishReason.CANCELLED, 2)
+    assert runtime.samplers[0].closed
