@@ -81,9 +81,17 @@ class GrpcChatClient:
             self.session_id = None
 
     def sessions(self) -> list[str]:
-        """Ids of all sessions on the server."""
-        try:
-            reply = self._stub.ListSessions(chat_pb2.ListSessionsRequest(), timeout=self._timeout)
-        except grpc.RpcError as error:
-            raise from_grpc(error) from None
-        return list(reply.session_ids)
+        """Ids of all the caller's sessions on the server, page after page."""
+        ids: list[str] = []
+        cursor = ""
+        while True:
+            try:
+                reply = self._stub.ListSessions(
+                    chat_pb2.ListSessionsRequest(cursor=cursor), timeout=self._timeout
+                )
+            except grpc.RpcError as error:
+                raise from_grpc(error) from None
+            ids += reply.session_ids
+            if not reply.next_cursor:
+                return ids
+            cursor = reply.next_cursor

@@ -108,10 +108,17 @@ class LLMChatClient:
             self.session_id = None
 
     def sessions(self) -> list[str]:
-        """Ids of all sessions on the server."""
-        response = self._http.get("/sessions")
-        self._check(response)
-        return response.json()["sessions"]
+        """Ids of all the caller's sessions on the server, page after page."""
+        ids: list[str] = []
+        params: dict[str, str] = {}
+        while True:
+            response = self._http.get("/sessions", params=params)
+            self._check(response)
+            page = response.json()
+            ids += page["sessions"]
+            if not page.get("next_cursor"):
+                return ids
+            params = {"cursor": page["next_cursor"]}
 
     def health(self) -> bool:
         """True when the service is up and its model loaded."""

@@ -10,6 +10,7 @@ import sys
 from llamachat_process.cli import program_name
 from llamachat_process.logs import configure_logging
 from llamachat_process.parent import watch_parent
+from llamachat_process.tenants import KeyFileError
 
 from .assembly import build_engine
 from .engine import LlamaEngine
@@ -53,12 +54,15 @@ async def serve(settings: ServerSettings, runtime_class: type[LlamaRuntime] = Ll
     scheduler died), so that whatever runs the core (``llamachat-serve``,
     systemd, Kubernetes) starts it again."""
     model_path = resolve_model_path(settings.model_path)
+    keys = settings.key_ring()
     engine = build_engine(settings, model_path, runtime_class)
     core = await create_server(
         settings.grpc_address,
         engine,
         max_message_bytes=settings.max_message_bytes,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        keys=keys,
+        rate_limit_per_minute=settings.rate_limit_rpm,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
         tls=(
             TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key)
             if settings.grpc_tls_cert and settings.grpc_tls_key
@@ -109,7 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)
     try:
         status = asyncio.run(serve(settings))
-    except (FileNotFoundError, ModelLoadError, AddressInUse, SessionStoreError) as error:
+    except (
+        FileNotFoundError,
+        ModelLoadError,
+        AddressInUse,
+        SessionStoreError,
+        KeyFileError,
+    ) as error:
         log.error("%s", error)
         sys.exit(2)
     sys.exit(status)

@@ -45,6 +45,7 @@ def open_store(settings: ServerSettings) -> SessionStore:
         window=settings.history_exchanges,
         max_sessions=settings.max_sessions,
         ttl_s=settings.session_ttl_s,
+        max_bytes=settings.max_session_bytes,
     )
     return open_session_store(settings.session_db, retention)
 

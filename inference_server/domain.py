@@ -5,6 +5,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from llamachat_process.tenants import DEFAULT_TENANT
+
+SessionKey = tuple[str, str]
+"""A session's tenant and id: the same id in two tenants is two sessions."""
+
 
 class FinishReason(enum.Enum):
     """Why generation stopped."""
@@ -41,6 +46,8 @@ class ChatRequest:
     message: str
     session_id: str | None = None
     sampling: SamplingParams = SamplingParams()
+    tenant: str = DEFAULT_TENANT
+    """Whose session it is: a session id means a session of this tenant only."""
 
 
 class Role(enum.Enum):
@@ -67,6 +74,8 @@ class CompletionRequest:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     """The reply ends before the first of these appears in it."""
+    tenant: str = DEFAULT_TENANT
+    """Whose request it is: a cached prompt is shared within a tenant only."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""The chat engine: sessions, prompts and generation, behind a small interface.
+"""The chat engine: sessions, prompts and generation, on llama.cpp.
 
-It knows nothing of gRPC or HTTP. ``Engine`` is what the servicer depends on;
-``LlamaEngine`` implements it on llama.cpp, and tests implement it with a fake.
+It knows nothing of gRPC or HTTP. ``LlamaEngine`` implements
+``engine_api.Engine``, what the servicer depends on.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
-from typing import ParamSpec, Protocol, TypeVar, cast
+from typing import ParamSpec, TypeVar, cast
 
 from .domain import (
+    DEFAULT_TENANT,
     ChatEvent,
     ChatRequest,
     ChatResult,
@@ -26,12 +27,15 @@ from .domain import (
     Message,
     ModelInfo,
     Sampling,
+    SessionKey,
     TextDelta,
 )
+from .engine_api import MAX_PAGE, collect
 from .errors import (
     ContextOverflow,
     EngineFailed,
     EngineNotReady,
+    InvalidRequest,
     ModelLoadError,
     Overloaded,
     SessionNotFound,
@@ -40,7 +44,8 @@ from .errors import (
 from .llama_runtime import LlamaRuntime
 from .metrics import EngineMetrics
 from .scheduler import BatchScheduler, Generation, Job
-from .sessions import SessionStore
+from .session_turns import SessionTurns
+from .sessions import SessionPage, SessionStore
 from .settings import ServerSettings
 from .validation import resolve_completion_sampling, resolve_sampling
 
@@ -53,83 +58,6 @@ R = TypeVar("R")
 EXPIRY_INTERVAL_S = 60.0
 # While the session store cannot be written, how often it is tried again.
 STORE_PROBE_INTERVAL_S = 2.0
-
-
-class Engine(Protocol):
-    """What the gRPC servicer needs from an engine."""
-
-    def chat_stream(self, request: ChatRequest) -> AsyncGenerator[ChatEvent, None]:
-        """Yield the reply as ``TextDelta``s, then one ``ChatResult``.
-
-        The exchange is added to the session's history before the result is
-        yielded. Closing the iterator early cancels generation and leaves the
-        history unchanged.
-        """
-        ...
-
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """The whole reply at once; same rules as ``chat_stream``."""
-        ...
-
-    async def clear(self, session_id: str) -> None:
-        """Forget a session; raises ``SessionNotFound`` if there is none."""
-        ...
-
-    async def history(self, session_id: str) -> list[Exchange]:
-        """The session's kept exchanges, oldest first; raises ``SessionNotFound``."""
-        ...
-
-    async def list_sessions(self) -> list[str]:
-        """Ids of all sessions, least recently used first."""
-        ...
-
-    def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
-        """Reply to a whole conversation, as ``chat_stream`` does, keeping
-        nothing; the result's ``session_id`` is ``None``."""
-        ...
-
-    async def complete(self, request: CompletionRequest) -> ChatResult:
-        """The whole reply at once; same rules as ``complete_stream``."""
-        ...
-
-    def model_info(self) -> ModelInfo:
-        """The model served, whether it is loaded, and whether a chat can succeed."""
-        ...
-
-    async def metrics_text(self) -> str:
-        """The engine's metrics in the Prometheus text format."""
-        ...
-
-
-async def collect(events: AsyncGenerator[ChatEvent, None]) -> ChatResult:
-    """Run a ``chat_stream`` to its end and return its result."""
-    async with aclosing(events) as stream:
-        async for event in stream:
-            if isinstance(event, ChatResult):
-                return event
-    raise RuntimeError("chat stream ended without a result")
-
-
-class _SessionLocks:
-    """One fair ``asyncio.Lock`` per session in use: a session's turns run one
-    after another, in arrival order; different sessions run side by side."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[session_id]
-            if users == 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
 
 
 class LlamaEngine:
@@ -182,15 +110,17 @@ class LlamaEngine:
         self._store_probe: asyncio.Task[None] | None = None
         self._health_event = asyncio.Event()
         self.metrics = EngineMetrics(model_name, restarts=settings.supervisor_restarts)
+        self._session_turn = SessionTurns()
         self.metrics.track_load(
-            running=lambda: self._scheduler.running, waiting=lambda: self._scheduler.waiting
+            running=lambda: self._scheduler.running,
+            waiting=lambda: self._scheduler.waiting,
+            waiting_for_session=lambda: self._session_turn.waiting,
         )
-        self._session_turn = _SessionLocks()
         self._capacity = settings.n_slots + settings.max_queue
         self._in_flight = 0
         # Sessions generating now, and whether each was cleared meanwhile (then
         # its finished exchange must not bring it back).
-        self._cleared_while_generating: dict[str, bool] = {}
+        self._cleared_while_generating: dict[SessionKey, bool] = {}
 
     async def load(self) -> None:
         """Load the model on the scheduler's thread; the engine is ready afterwards.
@@ -295,9 +225,9 @@ class LlamaEngine:
             else:
                 self._store_writable()
 
-    def _forget_kv(self, session_ids: list[str]) -> None:
-        for session_id in session_ids:
-            self._scheduler.forget_session(session_id)
+    def _forget_kv(self, sessions: list[SessionKey]) -> None:
+        for session in sessions:
+            self._scheduler.forget_session(session)
 
     async def _expire_sessions(self) -> None:
         interval = min(EXPIRY_INTERVAL_S, self._settings.session_ttl_s / 2)
@@ -369,11 +299,12 @@ class LlamaEngine:
         arrived = time.monotonic()
         runtime = self._require_runtime()
         sampling = resolve_sampling(request, self._settings, runtime.n_ctx)
-        session_id = request.session_id or str(uuid.uuid4())
+        session = (request.tenant, request.session_id or str(uuid.uuid4()))
+        # The session's turn first: a turn waiting for it takes no capacity.
         async with (
+            self._session_turn.hold(session),
             self._admitted(),
-            self._session_turn.hold(session_id),
-            aclosing(self._chat_turn(runtime, request, sampling, session_id, arrived)) as events,
+            aclosing(self._chat_turn(runtime, request, sampling, session, arrived)) as events,
         ):
             async for event in events:
                 yield event
@@ -383,25 +314,26 @@ class LlamaEngine:
         runtime: LlamaRuntime,
         request: ChatRequest,
         sampling: Sampling,
-        session_id: str,
+        session: SessionKey,
         arrived: float,
     ) -> AsyncGenerator[ChatEvent, None]:
         # From here on a clear of this session keeps this turn out of its history.
-        self._cleared_while_generating[session_id] = False
+        self._cleared_while_generating[session] = False
         try:
-            history = await self._in_store(self._store.history, session_id) or []
+            history = await self._in_store(self._store.history, *session) or []
             prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
-            async with aclosing(self._generate(prompt, sampling, session_id, arrived)) as events:
+            generation = self._generate(prompt, sampling, session, session[0], arrived)
+            async with aclosing(generation) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         yield event
                         continue
                     if event.finish_reason is not FinishReason.CANCELLED:
                         exchange = Exchange(request.message, event.text)
-                        self._forget_kv(await self._write_store(self._commit, session_id, exchange))
-                    yield _result(session_id, prompt, event)
+                        self._forget_kv(await self._write_store(self._commit, session, exchange))
+                    yield _result(session[1], prompt, event)
         finally:
-            self._cleared_while_generating.pop(session_id, None)
+            self._cleared_while_generating.pop(session, None)
 
     async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         arrived = time.monotonic()
@@ -409,7 +341,9 @@ class LlamaEngine:
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
         async with self._admitted():
             prompt = await asyncio.to_thread(self._tokenize_conversation, runtime, request.messages)
-            generation = self._generate(prompt, sampling, None, arrived, request.stop)
+            generation = self._generate(
+                prompt, sampling, None, request.tenant, arrived, request.stop
+            )
             async with aclosing(generation) as events:
                 async for event in events:
                     yield event if isinstance(event, TextDelta) else _result(None, prompt, event)
@@ -421,7 +355,8 @@ class LlamaEngine:
         self,
         prompt: list[int],
         sampling: Sampling,
-        session_id: str | None,
+        session: SessionKey | None,
+        tenant: str,
         arrived: float,
         stop: tuple[str, ...] = (),
     ) -> AsyncGenerator[TextDelta | Generation, None]:
@@ -433,6 +368,7 @@ class LlamaEngine:
         outcome: asyncio.Future[Generation] = loop.create_future()
         timing = _Timing(arrived)
         # Measured and logged when it ends, also if the stream was closed before that.
+        session_id = session[1] if session is not None else None
         outcome.add_done_callback(partial(self._finished, session_id, len(prompt), timing))
 
         def on_piece(piece: str) -> None:  # on the scheduler's thread, as each token comes
@@ -444,12 +380,13 @@ class LlamaEngine:
             loop.call_soon_threadsafe(pieces.put_nowait, None)
 
         job = Job(
-            session=session_id,
+            session=session,
             prompt=prompt,
             sampling=sampling,
             on_piece=on_piece,
             on_done=on_done,
             stop=stop,
+            tenant=tenant,
         )
         self._scheduler.submit(job)
         try:
@@ -494,31 +431,35 @@ class LlamaEngine:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
 
-    def _commit(self, session_id: str, exchange: Exchange) -> list[str]:
+    def _commit(self, session: SessionKey, exchange: Exchange) -> list[SessionKey]:
         """On the store's thread: keep a finished turn unless its session was
         cleared meanwhile; returns the sessions evicted to make room."""
-        if self._cleared_while_generating.get(session_id):
+        if self._cleared_while_generating.get(session):
             return []
-        return self._store.append(session_id, exchange)
+        return self._store.append(*session, exchange)
 
-    def _delete(self, session_id: str) -> None:
+    def _delete(self, session: SessionKey) -> None:
         """On the store's thread: forget a session, and the turn it is generating."""
-        self._store.delete(session_id)
-        if session_id in self._cleared_while_generating:
-            self._cleared_while_generating[session_id] = True
+        self._store.delete(*session)
+        if session in self._cleared_while_generating:
+            self._cleared_while_generating[session] = True
 
-    async def clear(self, session_id: str) -> None:
-        await self._in_store(self._delete, session_id)
-        self._scheduler.forget_session(session_id)
+    async def clear(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        await self._in_store(self._delete, (tenant, session_id))
+        self._scheduler.forget_session((tenant, session_id))
 
-    async def history(self, session_id: str) -> list[Exchange]:
-        history = await self._in_store(self._store.history, session_id)
+    async def history(self, session_id: str, tenant: str = DEFAULT_TENANT) -> list[Exchange]:
+        history = await self._in_store(self._store.history, tenant, session_id)
         if history is None:
             raise SessionNotFound(session_id)
         return history
 
-    async def list_sessions(self) -> list[str]:
-        return await self._in_store(self._store.session_ids)
+    async def list_sessions(
+        self, tenant: str = DEFAULT_TENANT, limit: int = MAX_PAGE, cursor: str | None = None
+    ) -> SessionPage:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        return await self._in_store(self._store.list_sessions, tenant, limit, cursor)
 
     def model_info(self) -> ModelInfo:
         runtime = self._runtime

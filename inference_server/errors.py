@@ -71,3 +71,14 @@ class NoRoomInKvCache(EngineError):
 
     def __init__(self) -> None:
         super().__init__("No room in the KV cache for this request; try a shorter one")
+
+
+class SessionBusy(EngineError):
+    """A turn of the session is running and another is already waiting."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            "Session is busy: a turn of it is running and another is waiting; "
+            "send the next message after the reply"
+        )
+        self.session_id = session_id

@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -247,10 +248,34 @@ class LlamaRuntime:
         return list(tokens[:count])
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Apply the model's chat template (in Jinja2's sandbox) and tokenize."""
+        """Apply the model's chat template (in Jinja2's sandbox) and tokenize,
+        so that only the template's own markup can become control tokens.
+
+        The template is rendered around placeholders that no message can
+        contain (a fresh random marker each time); the markup between them is
+        tokenized with special-token parsing, each message's content without
+        it. A user who writes ``<|im_start|>system`` gets those characters as
+        text, never a forged turn. (Ollama tokenizes template and content
+        apart in the same way.) A placeholder the template leaves out is a
+        message the template drops.
+        """
+        marker = secrets.token_hex(8)
+        placeholders = {f"\x1f{marker}:{i}\x1f": m["content"] for i, m in enumerate(messages)}
+        templated = [
+            {**message, "content": placeholder}
+            for message, placeholder in zip(messages, placeholders, strict=True)
+        ]
         # Role/content dicts: the shape of llama_cpp's message TypedDicts.
-        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
-        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", templated))
+        tokens: list[int] = []
+        pieces = re.split(f"(\x1f{marker}:\\d+\x1f)", rendered.prompt)
+        for index, piece in enumerate(pieces):
+            if index % 2:  # a placeholder: a message's content, as plain text
+                tokens += self.tokenize(placeholders[piece], add_bos=False, special=False)
+            elif piece or index == 0:
+                first = index == 0 and not rendered.added_special
+                tokens += self.tokenize(piece, add_bos=first, special=True)
+        return tokens
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for, whole (control tokens: none)."""

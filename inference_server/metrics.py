@@ -102,6 +102,13 @@ class EngineMetrics:
             labels,
             registry=self.registry,
         ).labels(model_name)
+        self._waiting_for_session = Gauge(
+            PREFIX + "num_requests_waiting_session",
+            "Requests waiting for their session's previous turn (they hold no slot "
+            "and no place in the queue).",
+            labels,
+            registry=self.registry,
+        ).labels(model_name)
         self._sessions = Gauge(
             PREFIX + "sessions", "Sessions kept.", labels, registry=self.registry
         ).labels(model_name)
@@ -111,10 +118,16 @@ class EngineMetrics:
             registry=self.registry,
         ).set(restarts)
 
-    def track_load(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+    def track_load(
+        self,
+        running: Callable[[], int],
+        waiting: Callable[[], int],
+        waiting_for_session: Callable[[], int] = lambda: 0,
+    ) -> None:
         """Read the running and waiting requests from these at each scrape."""
         self._running.set_function(running)
         self._waiting.set_function(waiting)
+        self._waiting_for_session.set_function(waiting_for_session)
 
     def observe_finished(
         self, generation: Generation, prompt_tokens: int, latency_s: float

@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .domain import FinishReason, Sampling
+from .domain import DEFAULT_TENANT, FinishReason, Sampling, SessionKey
 from .errors import EngineFailed, EngineNotReady, NoRoomInKvCache
 from .runtime import BatchEntry, DecodeFailed, NoKvSlot, Runtime, TokenSampler
 from .slots import Slot, SlotTable
@@ -74,12 +74,15 @@ class Job:
     and text that may begin one is held back until the next tokens tell.
     """
 
-    session: str | None
+    session: SessionKey | None
     prompt: list[int]
     sampling: Sampling
     on_piece: Callable[[str], None]
     on_done: Callable[[Generation | BaseException], None]
     stop: tuple[str, ...] = ()
+    tenant: str = DEFAULT_TENANT
+    """Whose job it is: a job without a session shares cached cells only
+    with earlier jobs of its own tenant."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0
     """``time.monotonic()`` at ``submit``."""
@@ -191,7 +194,7 @@ class BatchScheduler:
         """The error that ended the thread, if one did."""
         self._wakeup = threading.Condition()
         self._inbox: deque[Job] = deque()
-        self._forget: deque[str] = deque()
+        self._forget: deque[SessionKey] = deque()
         self._stopping = False
         self._loaded: Future[Runtime] = Future()
         self.running = 0
@@ -221,7 +224,7 @@ class BatchScheduler:
         with self._wakeup:
             self._wakeup.notify()
 
-    def forget_session(self, session: str) -> None:
+    def forget_session(self, session: SessionKey) -> None:
         """Free a session's slot and saved state (it was cleared)."""
         with self._wakeup:
             self._forget.append(session)
@@ -308,7 +311,7 @@ class BatchScheduler:
     ) -> None:
         while waiting:
             job = waiting[0]
-            slot = slots.acquire(job.session, job.prompt)
+            slot = slots.acquire(job.session, job.prompt, job.tenant)
             if slot is None:
                 return  # every slot is busy; the oldest job waits for the first to free
             waiting.popleft()

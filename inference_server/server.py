@@ -10,9 +10,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
+from llamachat_process.tenants import KeyRing
 
-from .engine import Engine
-from .interceptors import ApiKeyInterceptor, MalformedRequestInterceptor
+from .engine_api import Engine
+from .interceptors import MalformedRequestInterceptor, TenantInterceptor
 from .reflection import enable_server_reflection
 from .servicer import ChatServicer
 
@@ -63,25 +64,33 @@ async def create_server(
     engine: Engine,
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    api_key: str | None = None,
+    keys: KeyRing | None = None,
+    rate_limit_per_minute: int = 0,
+    max_concurrent_rpcs: int | None = None,
     tls: TlsFiles | None = None,
 ) -> CoreServer:
     """Build the server on ``address`` (a host:port, port 0 picking a free one,
     or ``unix:PATH``). Health says NOT_SERVING until ``set_serving(True)``.
-    With ``api_key``, calls other than health checks need it; with ``tls``,
-    the port speaks TLS only."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
-    if api_key:
-        interceptors.insert(0, ApiKeyInterceptor(api_key))
+    With ``keys``, calls other than health checks, GetModel and GetMetrics
+    need one, which names the caller's tenant; ``rate_limit_per_minute`` limits
+    each tenant's calls; past ``max_concurrent_rpcs`` calls at once (streams
+    included) a call gets RESOURCE_EXHAUSTED; with ``tls``, the port speaks
+    TLS only."""
+    keys = keys or KeyRing()
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        TenantInterceptor(keys, rate_limit_per_minute),
+        MalformedRequestInterceptor(),
+    ]
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # A second server on a busy port must fail, not share the port.
             ("grpc.so_reuseport", 0),
         ],
     )
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine), server)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection(

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 import grpc
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
+from llamachat_process.tenants import KeyRing
 
 from . import domain
-from .engine import Engine
+from .engine_api import MAX_PAGE, Engine
 from .errors import (
     EngineError,
     EngineFailed,
@@ -24,9 +25,11 @@ from .errors import (
     InvalidRequest,
     NoRoomInKvCache,
     Overloaded,
+    SessionBusy,
     SessionNotFound,
     SessionStoreError,
 )
+from .interceptors import tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     SessionStoreError: grpc.StatusCode.UNAVAILABLE,
     EngineFailed: grpc.StatusCode.UNAVAILABLE,
     NoRoomInKvCache: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionBusy: grpc.StatusCode.ABORTED,
 }
 
 ROLES = {
@@ -78,13 +82,16 @@ def maps_errors(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-def to_domain(request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest) -> domain.ChatRequest:
+def to_domain(
+    request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest, tenant: str
+) -> domain.ChatRequest:
     """The engine's request from either protobuf request (they share their fields)."""
 
     return domain.ChatRequest(
         message=request.message,
         session_id=request.session_id or None,
         sampling=sampling_of(request),
+        tenant=tenant,
     )
 
 
@@ -103,7 +110,7 @@ def sampling_of(request: Any) -> domain.SamplingParams:
 
 
 def completion_of(
-    request: chat_pb2.CompleteRequest | chat_pb2.CompleteStreamRequest,
+    request: chat_pb2.CompleteRequest | chat_pb2.CompleteStreamRequest, tenant: str
 ) -> domain.CompletionRequest:
     """The engine's request from either protobuf completion request."""
     messages = []
@@ -115,7 +122,10 @@ def completion_of(
             )
         messages.append(domain.Message(role, message.content))
     return domain.CompletionRequest(
-        messages=tuple(messages), sampling=sampling_of(request), stop=tuple(request.stop)
+        messages=tuple(messages),
+        sampling=sampling_of(request),
+        stop=tuple(request.stop),
+        tenant=tenant,
     )
 
 
@@ -151,16 +161,21 @@ async def write_stream(
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    """``llamachat.v1.ChatService`` on an ``Engine``."""
+    """``llamachat.v1.ChatService`` on an ``Engine``; every call acts for the
+    tenant its key names (``keys``: none configured, one tenant for all)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, keys: KeyRing | None = None) -> None:
         self._engine = engine
+        self._keys = keys or KeyRing()
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return tenant_of(self._keys, context)
 
     @maps_errors
     async def Chat(
         self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ChatResponse:
-        result = await self._engine.chat(to_domain(request))
+        result = await self._engine.chat(to_domain(request, self._tenant(context)))
         return chat_pb2.ChatResponse(
             text=result.text,
             session_id=result.session_id or "",
@@ -174,7 +189,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> None:
         await write_stream(
             context,
-            self._engine.chat_stream(to_domain(request)),
+            self._engine.chat_stream(to_domain(request, self._tenant(context))),
             lambda result: chat_pb2.ChatStreamResponse(
                 session_id=result.session_id,
                 finish_reason=FINISH_REASONS[result.finish_reason],
@@ -187,7 +202,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Complete(
         self, request: chat_pb2.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.CompleteResponse:
-        result = await self._engine.complete(completion_of(request))
+        result = await self._engine.complete(completion_of(request, self._tenant(context)))
         return chat_pb2.CompleteResponse(
             text=result.text,
             finish_reason=FINISH_REASONS[result.finish_reason],
@@ -200,7 +215,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> None:
         await write_stream(
             context,
-            self._engine.complete_stream(completion_of(request)),
+            self._engine.complete_stream(completion_of(request, self._tenant(context))),
             lambda result: chat_pb2.CompleteStreamResponse(
                 finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_of(result)
             ),
@@ -229,20 +244,25 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Clear(
         self, request: chat_pb2.ClearRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ClearResponse:
-        await self._engine.clear(request.session_id)
+        await self._engine.clear(request.session_id, self._tenant(context))
         return chat_pb2.ClearResponse(session_id=request.session_id)
 
     @maps_errors
     async def ListSessions(
         self, request: chat_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.ListSessionsResponse:
-        return chat_pb2.ListSessionsResponse(session_ids=await self._engine.list_sessions())
+        page = await self._engine.list_sessions(
+            self._tenant(context), request.limit or MAX_PAGE, request.cursor or None
+        )
+        return chat_pb2.ListSessionsResponse(
+            session_ids=page.ids, next_cursor=page.next_cursor or ""
+        )
 
     @maps_errors
     async def GetSession(
         self, request: chat_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetSessionResponse:
-        exchanges = await self._engine.history(request.session_id)
+        exchanges = await self._engine.history(request.session_id, self._tenant(context))
         return chat_pb2.GetSessionResponse(
             session_id=request.session_id,
             exchanges=[chat_pb2.Exchange(user=e.user, assistant=e.assistant) for e in exchanges],

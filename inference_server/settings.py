@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from llamachat_process.logs import LogFormat
+from llamachat_process.tenants import KeySettings
 
 from .cpu_features import RepackMode
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(KeySettings):
     """Configuration of the gRPC inference core."""
 
     model_config = SettingsConfigDict(
@@ -32,10 +33,11 @@ class ServerSettings(BaseSettings):
         description="Address the gRPC server listens on: HOST:PORT, or unix:PATH for a "
         "Unix socket.",
     )
-    api_key: SecretStr | None = Field(
-        default=None,
-        description="When set, every call but health checks needs the metadata "
-        "'authorization: Bearer <API_KEY>' (UNAUTHENTICATED otherwise).",
+    rate_limit_rpm: int = Field(
+        default=0,
+        ge=0,
+        description="Calls a minute each tenant may make (RESOURCE_EXHAUSTED, HTTP 429 with "
+        "Retry-After, past it); 0: no limit.",
     )
     grpc_tls_cert: Path | None = Field(
         default=None,
@@ -128,6 +130,25 @@ class ServerSettings(BaseSettings):
         ge=1024,
         description="Largest gRPC request accepted, in bytes (RESOURCE_EXHAUSTED past it); "
         "matches the gateway's MAX_BODY_BYTES.",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=1000,
+        ge=1,
+        description="Calls served at once, streams (health watches too) included; past it "
+        "a call gets RESOURCE_EXHAUSTED.",
+    )
+    max_message_chars: int = Field(
+        default=32_768,
+        ge=1,
+        description="Longest message accepted, in characters (INVALID_ARGUMENT, HTTP 400, "
+        "past it).",
+    )
+    max_session_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="UTF-8 bytes of text a session keeps; past it the oldest exchanges are "
+        "dropped (the newest always stays). Keep it below the gateway's "
+        "GRPC_MAX_RECEIVE_BYTES.",
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."

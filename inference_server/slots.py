@@ -6,7 +6,9 @@ needs a slot and none is free, the least recently used idle slot is taken;
 its KV cells may be saved in RAM (up to a byte budget, least recently saved
 dropped first) and restored when their session comes back. A job with no
 slot of its own first looks for an idle slot that no session holds and whose
-cells begin as its prompt does (a stateless completion's previous turn).
+cells begin as its prompt does (a stateless completion's previous turn), among
+the slots its own tenant used last: whether a prompt was cached must never
+tell one tenant what another sent.
 
 Used only on the scheduler's thread.
 """
@@ -19,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from .domain import SessionKey
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,9 @@ class Slot:
 
     sequence: int
     tokens: list[int] = field(default_factory=list)
-    session: str | None = None
+    session: SessionKey | None = None
+    tenant: str | None = None
+    """Whose tokens the cells hold (``None``: nobody's yet)."""
     busy: bool = False
     last_used: int = 0
 
@@ -67,22 +73,27 @@ class SlotTable:
     def __init__(self, memory: SequenceMemory, *, saved_state_bytes: int) -> None:
         self._memory = memory
         self.slots = [Slot(sequence) for sequence in range(memory.n_sequences)]
-        self._saved: OrderedDict[str, _SavedState] = OrderedDict()
+        self._saved: OrderedDict[SessionKey, _SavedState] = OrderedDict()
         self._saved_bytes = 0
         self._budget = saved_state_bytes
         self._clock = itertools.count(1)
 
     @property
-    def saved_sessions(self) -> list[str]:
+    def saved_sessions(self) -> list[SessionKey]:
         return list(self._saved)
 
-    def acquire(self, session: str | None, prompt: Sequence[int] = ()) -> Slot | None:
-        """A slot for a job of ``session`` (``None``: none kept) and ``prompt``,
-        marked busy; ``None`` when every slot is busy."""
+    def acquire(
+        self, session: SessionKey | None, prompt: Sequence[int] = (), tenant: str | None = None
+    ) -> Slot | None:
+        """A slot for a job of ``session`` (``None``: none kept) and ``prompt``
+        of ``tenant`` (a session's own tenant when it has one), marked busy;
+        ``None`` when every slot is busy."""
+        if session is not None:
+            tenant = session[0]
         own = next((s for s in self.slots if session is not None and s.session == session), None)
         if own is not None:
             slot = None if own.busy else own
-        elif (shared := self._sharing_prefix(session, prompt)) is not None:
+        elif (shared := self._sharing_prefix(session, prompt, tenant)) is not None:
             slot = shared
             slot.session = session
         else:
@@ -92,7 +103,8 @@ class SlotTable:
             if slot is not None:
                 # Taken out first, so that saving the evicted state cannot drop it.
                 saved = self._take_saved(session)
-                self._evict(slot)
+                self._evict(slot)  # empty now, whoever's cells they were
+                slot.tenant = tenant
                 if saved is not None:
                     self._restore(slot, session, saved)
                 slot.session = session
@@ -101,7 +113,9 @@ class SlotTable:
             slot.last_used = next(self._clock)
         return slot
 
-    def _sharing_prefix(self, session: str | None, prompt: Sequence[int]) -> Slot | None:
+    def _sharing_prefix(
+        self, session: SessionKey | None, prompt: Sequence[int], tenant: str | None
+    ) -> Slot | None:
         """The idle slot that no session holds whose cells begin the way
         ``prompt`` does, for at least half of them, longest shared start first
         (``None``: none does, or the session has a saved state to restore).
@@ -117,7 +131,7 @@ class SlotTable:
         shared = {
             id(slot): common_prefix_length(slot.tokens, list(prompt))
             for slot in self.slots
-            if not slot.busy and slot.session is None and slot.tokens
+            if not slot.busy and slot.session is None and slot.tokens and slot.tenant == tenant
         }
         worth = [s for s in self.slots if id(s) in shared and 2 * shared[id(s)] >= len(s.tokens)]
         return max(worth, key=lambda s: (shared[id(s)], s.last_used), default=None)
@@ -142,7 +156,7 @@ class SlotTable:
         self._memory.forget(slot.sequence)
         slot.tokens.clear()
 
-    def forget(self, session: str) -> None:
+    def forget(self, session: SessionKey) -> None:
         """A session was cleared: its slot holds nothing worth keeping."""
         self._take_saved(session)
         for slot in self.slots:
@@ -158,7 +172,7 @@ class SlotTable:
             self.invalidate(slot)
         slot.session = None
 
-    def _save(self, session: str, slot: Slot) -> None:
+    def _save(self, session: SessionKey, slot: Slot) -> None:
         state = self._memory.save_sequence(slot.sequence)
         if len(state) > self._budget:
             return
@@ -168,13 +182,13 @@ class SlotTable:
             _, dropped = self._saved.popitem(last=False)
             self._saved_bytes -= len(dropped.state)
 
-    def _take_saved(self, session: str | None) -> _SavedState | None:
+    def _take_saved(self, session: SessionKey | None) -> _SavedState | None:
         saved = self._saved.pop(session, None) if session is not None else None
         if saved is not None:
             self._saved_bytes -= len(saved.state)
         return saved
 
-    def _restore(self, slot: Slot, session: str | None, saved: _SavedState) -> None:
+    def _restore(self, slot: Slot, session: SessionKey | None, saved: _SavedState) -> None:
         if self._memory.restore_sequence(slot.sequence, saved.state):
             slot.tokens = list(saved.tokens)
         else:

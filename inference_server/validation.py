@@ -10,8 +10,9 @@ from .domain import ChatRequest, CompletionRequest, Sampling, SamplingParams
 from .errors import InvalidRequest
 from .settings import ServerSettings
 
-# Ids are UUIDs unless a client picks its own; this bounds what one may pick.
-MAX_SESSION_ID_CHARS = 256
+# Ids are UUIDs unless a client picks its own; this bounds what one may pick
+# (so that a page of 1000 ids stays far below any message limit).
+MAX_SESSION_ID_BYTES = 256
 # As OpenAI's API allows.
 MAX_STOP_SEQUENCES = 4
 # They are looked for after every token, on the scheduler's thread.
@@ -27,11 +28,13 @@ def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int)
     """
     if not request.message.strip():
         raise InvalidRequest("Message cannot be empty")
-    if request.session_id is not None and len(request.session_id) > MAX_SESSION_ID_CHARS:
-        raise InvalidRequest(
-            f"session_id must be at most {MAX_SESSION_ID_CHARS} characters, "
-            f"got {len(request.session_id)}"
-        )
+    check_length("message", request.message, settings.max_message_chars)
+    if request.session_id is not None:
+        size = len(request.session_id.encode("utf-8", "surrogatepass"))
+        if size > MAX_SESSION_ID_BYTES:
+            raise InvalidRequest(
+                f"session_id must be at most {MAX_SESSION_ID_BYTES} bytes in UTF-8, got {size}"
+            )
     return _with_defaults(request.sampling, settings, n_ctx)
 
 
@@ -44,6 +47,8 @@ def resolve_completion_sampling(
         raise InvalidRequest("messages must hold at least one message")
     if not any(message.content.strip() for message in request.messages):
         raise InvalidRequest("every message is empty")
+    for index, message in enumerate(request.messages):
+        check_length(f"messages[{index}].content", message.content, settings.max_message_chars)
     if len(request.stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(
             f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"
@@ -53,6 +58,11 @@ def resolve_completion_sampling(
     if any(len(stop) > MAX_STOP_CHARS for stop in request.stop):
         raise InvalidRequest(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
     return _with_defaults(request.sampling, settings, n_ctx)
+
+
+def check_length(name: str, text: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{name} must be at most {max_chars} characters, got {len(text)}")
 
 
 def _with_defaults(given: SamplingParams, settings: ServerSettings, n_ctx: int) -> Sampling:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,8 +12,10 @@ import uvicorn
 from llamachat_process.cli import program_name
 from llamachat_process.logs import configure_logging
 from llamachat_process.parent import watch_parent
+from llamachat_process.tenants import KeyFileError
 
 from .app import create_app
+from .connections import server_config
 from .settings import GatewaySettings
 
 # Once the supervisor is gone: the drain's grace, then this much, then exit.
@@ -41,17 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     configure_logging(settings.log_level, settings.log_format)
     watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)
-    # uvicorn's loggers go to the root handler; its access log is replaced by
-    # the one line per request of rest_gateway.observe.
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
+    try:
+        app = create_app(settings)
+    except KeyFileError as error:
+        logging.getLogger("rest_gateway").error("%s", error)
+        sys.exit(2)
+    config = server_config(app, settings)
     DrainingServer(config).run()
 
 

@@ -26,6 +26,7 @@ from .errors import (
     handle_rpc_error,
     handle_validation_error,
 )
+from .hosts import TrustedHosts, allowed_names
 from .metrics import GatewayMetrics
 from .metrics import router as metrics_router
 from .observe import RequestObserver
@@ -35,7 +36,7 @@ from .settings import GatewaySettings
 from .ui import router as ui_router
 
 # Reconnect quickly once the core is back, so the gateway recovers by itself.
-CHANNEL_OPTIONS = [
+RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -48,10 +49,14 @@ The gateway calls the gRPC inference core (`llamachat.v1.ChatService`) for every
 
 def open_channel(settings: GatewaySettings) -> grpc.aio.Channel:
     """The channel to the core: TLS when ``GRPC_TLS_CA`` names what to trust."""
+    options = [
+        *RECONNECT_OPTIONS,
+        ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
+    ]
     if settings.grpc_tls_ca is None:
-        return grpc.aio.insecure_channel(settings.grpc_address, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(settings.grpc_address, options=options)
     credentials = grpc.ssl_channel_credentials(root_certificates=settings.grpc_tls_ca.read_bytes())
-    return grpc.aio.secure_channel(settings.grpc_address, credentials, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(settings.grpc_address, credentials, options=options)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -73,18 +78,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = GatewayMetrics(restarts=settings.supervisor_restarts)
     app.state.started = int(time.time())
-    # Metadata of every call to the core.
-    app.state.core_metadata = (
-        (("authorization", f"Bearer {settings.api_key.get_secret_value()}"),)
-        if settings.api_key
-        else ()
-    )
-    # The last added runs first: the observer (which sees every answer), CORS,
-    # then the key, then the body limit, so a 401 or a 413 carries the CORS
-    # headers too, and no body is read unauthorized.
+    keys = settings.key_ring()
+    # The last added runs first: the observer (which sees every answer), the
+    # Host check, CORS, then the key, then the body limit, so a 401 or a 413
+    # carries the CORS headers too, and no body is read unauthorized.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    if settings.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
+    if keys.required:
+        app.add_middleware(ApiKeyAuth, keys=keys)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -92,6 +92,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(TrustedHosts, names=allowed_names(settings.allowed_hosts, settings.host))
     app.add_middleware(RequestObserver, metrics=app.state.metrics)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)

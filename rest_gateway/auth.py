@@ -1,11 +1,18 @@
-"""API key check of the REST API (``API_KEY``), answered in the API's error shape."""
+"""API keys of the REST API (``API_KEY``, ``API_KEY_FILE``, ``API_KEYS_FILE``),
+answered in the API's error shape.
+
+A request with a known key goes on, carrying the key (``presented_key``): the
+gateway passes it on to the core, which reads the caller's tenant from it, so
+both processes hold the same keys and the core decides whose sessions a call
+sees.
+"""
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llamachat_process.tenants import KeyRing, bearer_token
 
 from .errors import error_response
 
@@ -15,33 +22,37 @@ from .errors import error_response
 PUBLIC_PATHS = frozenset(
     {"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/metrics"}
 )
+KEY_STATE = "api_key"
 
 
 def presented_key(headers: Headers) -> str | None:
-    """The key from ``Authorization: Bearer <key>``, else from ``X-API-Key``."""
-    scheme, _, credentials = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials:
-        return credentials.strip()
-    return headers.get("x-api-key")
+    """The key from ``Authorization: Bearer <key>`` (any case), else ``X-API-Key``."""
+    return bearer_token(headers.get("authorization")) or headers.get("x-api-key")
+
+
+def key_of(scope: Scope) -> str | None:
+    """The key a request that ``ApiKeyAuth`` let through presented."""
+    return scope.get("state", {}).get(KEY_STATE)
 
 
 class ApiKeyAuth:
-    """401 for requests to non-public paths without the right key.
+    """401 for requests to non-public paths without a known key.
 
     The comparison takes the same time whatever the key presented, so it does
     not tell an attacker how much of a guess was right.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
         self.app = app
-        self.expected = api_key.encode()
-
-    def authorized(self, scope: Scope) -> bool:
-        key = presented_key(Headers(scope=scope))
-        return key is not None and hmac.compare_digest(key.encode(), self.expected)
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self.authorized(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = presented_key(Headers(scope=scope))
+        if scope["path"] in PUBLIC_PATHS or self.keys.tenant_for(key) is not None:
+            scope.setdefault("state", {})[KEY_STATE] = key
             await self.app(scope, receive, send)
             return
         response = error_response(

@@ -103,12 +103,20 @@ def detail_of(error: grpc.aio.AioRpcError) -> str:
 RETRY_AFTER_S = 1
 
 
+def retry_after_of(error: grpc.aio.AioRpcError) -> str:
+    """The core's ``retry-after`` (a tenant past its rate limit), else 1 s."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after" and str(value).isdigit():
+            return str(value)
+    return str(RETRY_AFTER_S)
+
+
 async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
     """FastAPI exception handler: a failed call to the core (with ``Retry-After``
     on a 429)."""
     assert isinstance(error, grpc.aio.AioRpcError)
     status = http_status_for(error.code())
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    headers = {"Retry-After": retry_after_of(error)} if status == 429 else None
     return error_response(request.url.path, status, detail_of(error), headers=headers)
 
 

@@ -62,7 +62,9 @@ class GatewayMetrics:
             registry=self.registry,
         ).set(restarts)
 
-    def observe_request(self, method: str, endpoint: str, status: int, duration_s: float) -> None:
+    def observe_request(
+        self, method: str, endpoint: str, status: int | str, duration_s: float
+    ) -> None:
         self._requests.labels(method, endpoint, str(status)).inc()
         self._duration.labels(method, endpoint).observe(duration_s)
 
@@ -81,7 +83,6 @@ async def metrics(request: Request) -> Response:
         reply = await state.chat_stub.GetMetrics(
             chat_pb2.GetMetricsRequest(),
             timeout=state.settings.health_timeout_s,
-            metadata=state.core_metadata,
         )
         core_text: str | None = reply.text
     except grpc.aio.AioRpcError:

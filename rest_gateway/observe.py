@@ -21,15 +21,22 @@ log = logging.getLogger("rest_gateway.requests")
 
 NOTES = "observed"
 CLIENT_CLOSED = 499
+# The status label of a stream that began with 200 and ended with an error event.
+STREAM_ERROR = "stream_error"
 
 
 def note(
-    request: Request, *, session: str | None = None, usage: Any = None, delivered: bool = False
+    request: Request,
+    *,
+    session: str | None = None,
+    usage: Any = None,
+    delivered: bool = False,
+    stream_error: bool = False,
 ) -> None:
     """Add a request's session and token counts (a ``chat_pb2.Usage``) to its
     log line; ``delivered``: a stream's last events are being sent (a client
     that closes the connection then, before the response's very end, got the
-    whole reply)."""
+    whole reply); ``stream_error``: a stream ends with an error event."""
     fields = request.scope.get("state", {}).get(NOTES)
     if fields is None:  # not behind a RequestObserver (unit tests of one route)
         return
@@ -37,6 +44,8 @@ def note(
         fields["session"] = session
     if delivered:
         fields["delivered"] = True
+    if stream_error:
+        fields["stream_error"] = True
     if usage is not None:
         fields["prompt_tokens"] = usage.prompt_tokens
         fields["cached_tokens"] = usage.cached_prompt_tokens
@@ -57,7 +66,7 @@ class RequestObserver:
         started = time.monotonic()
         fields: dict[str, Any] = {}
         scope.setdefault("state", {})[NOTES] = fields
-        status = 500  # if the app fails before it answers
+        status: int | str = 500  # if the app fails before it answers
         streamed = completed = False
         first_byte: float | None = None
 
@@ -76,11 +85,17 @@ class RequestObserver:
         try:
             await self.app(scope, receive, observed_send)
         except BaseException:
-            if status < 400:  # failed after a 200 began: not the client's doing
+            if isinstance(status, int) and status < 400:  # failed after a 200 began
                 status = 500
             raise
         finally:
-            if not (completed or fields.get("delivered")) and status < 400:
+            if fields.get("stream_error"):
+                status = STREAM_ERROR  # a 200 that ended in an error event
+            elif (
+                not (completed or fields.get("delivered"))
+                and isinstance(status, int)
+                and status < 400
+            ):
                 # The response began but never ended: the client went away
                 # mid-stream (499, as nginx logs it), not a 200.
                 status = CLIENT_CLOSED

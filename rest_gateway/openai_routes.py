@@ -197,6 +197,7 @@ async def chat_completions(
             chunk,
             include_usage,
             on_usage=lambda usage: note(request, usage=usage, delivered=True),
+            on_error=lambda: note(request, stream_error=True),
         )
     )
 
@@ -240,13 +241,15 @@ async def relay_chunks(
     chunk: ChunkMaker,
     include_usage: bool,
     on_usage: Callable[[chat_pb2.Usage], None],
+    on_error: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[str]:
     """The SSE stream of a ``CompleteStream`` whose first message has arrived:
     a first chunk with the role, one per piece of text, one with the finish
     reason, one with the usage if asked for, then ``[DONE]``. An error after
     the 200 was sent comes as a last ``{"error": ...}`` event, as vLLM sends it.
-    ``on_usage`` gets the usage as the last events are sent. The ``finally``
-    cancels the call when the client goes away."""
+    ``on_usage`` gets the usage as the last events are sent, ``on_error`` is
+    called as an error event is. The ``finally`` cancels the call when the
+    client goes away."""
 
     try:
         yield sse_event(chunk.delta({"role": "assistant", "content": ""}))
@@ -256,6 +259,7 @@ async def relay_chunks(
                 continue
             on_usage(message.usage)
             if message.finish_reason not in FINISH_REASONS:
+                on_error()
                 yield sse_event(openai_error(503, STOPPED_EARLY))
                 break
             yield sse_event(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
@@ -264,6 +268,7 @@ async def relay_chunks(
             break  # the response ends here, not when the call's status comes
         yield DONE_EVENT
     except grpc.aio.AioRpcError as error:
+        on_error()
         yield sse_event(openai_error(http_status_for(error.code()), detail_of(error)))
         yield DONE_EVENT
     finally:

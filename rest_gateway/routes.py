@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import schemas
+from .auth import key_of
 from .disconnect import unless_disconnected
 from .errors import ApiError, documented_errors
 from .observe import note
@@ -50,10 +51,12 @@ def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
 
 
 def call_options(request: Request) -> dict[str, Any]:
-    """Deadline and metadata (the API key) of a call to the core."""
+    """Deadline and metadata (the caller's API key, which names its tenant) of
+    a call to the core."""
+    key = key_of(request.scope)
     return {
         "timeout": settings_of(request).grpc_deadline_s,
-        "metadata": request.app.state.core_metadata,
+        "metadata": (("authorization", f"Bearer {key}"),) if key else (),
     }
 
 
@@ -92,12 +95,7 @@ async def info() -> schemas.InfoResponse:
     response_model_exclude_none=True,
     responses={503: {"model": schemas.HealthResponse, "description": "A chat cannot succeed now"}},
 )
-async def health(
-    stub: HealthStub,
-    chat: ChatStub,
-    settings: Settings,
-    options: CallOptions,
-) -> Any:
+async def health(stub: HealthStub, chat: ChatStub, settings: Settings) -> Any:
     """Whether a chat can succeed now: the core is reachable, its model loaded
     and its session store writable (503 otherwise, with the reason)."""
     try:
@@ -106,11 +104,7 @@ async def health(
         )
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return schemas.HealthResponse(status="healthy", model_loaded=True)
-        model = await chat.GetModel(
-            chat_pb2.GetModelRequest(),
-            timeout=settings.health_timeout_s,
-            metadata=options["metadata"],
-        )
+        model = await chat.GetModel(chat_pb2.GetModelRequest(), timeout=settings.health_timeout_s)
         unhealthy = schemas.HealthResponse(
             status="unavailable",
             model_loaded=model.loaded,
@@ -166,6 +160,7 @@ async def chat_stream(
             on_done=lambda done: note(
                 request, session=done.session_id, usage=done.usage, delivered=True
             ),
+            on_error=lambda: note(request, stream_error=True),
         )
     )
 
@@ -181,14 +176,33 @@ async def clear(
     return schemas.ClearResponse(status="cleared", session_id=reply.session_id)
 
 
-@router.get("/sessions", response_model=schemas.SessionsResponse, responses=ERRORS)
+@router.get(
+    "/sessions",
+    response_model=schemas.SessionsResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+)
 async def sessions(
     stub: ChatStub,
     options: CallOptions,
+    limit: Annotated[
+        int, Query(ge=1, le=1000, description="The most ids to return (an extension).")
+    ] = 1000,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=64, description="next_cursor of the page before (an extension)."),
+    ] = None,
 ) -> schemas.SessionsResponse:
-    """All sessions the core keeps."""
-    reply = await stub.ListSessions(chat_pb2.ListSessionsRequest(), **options)
-    return schemas.SessionsResponse(sessions=list(reply.session_ids), count=len(reply.session_ids))
+    """The caller's sessions, least recently used first, a page at a time
+    (``limit`` and ``cursor`` are extensions; without them, the first 1000)."""
+    reply = await stub.ListSessions(
+        chat_pb2.ListSessionsRequest(limit=limit, cursor=cursor or ""), **options
+    )
+    return schemas.SessionsResponse(
+        sessions=list(reply.session_ids),
+        count=len(reply.session_ids),
+        next_cursor=reply.next_cursor or None,
+    )
 
 
 @router.get("/sessions/{session_id}", response_model=schemas.SessionResponse, responses=ERRORS)

@@ -65,7 +65,11 @@ class ClearResponse(BaseModel):
 
 class SessionsResponse(BaseModel):
     sessions: list[str]
-    count: int
+    count: int = Field(description="How many ids this page holds.")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass as ?cursor= for the next page; absent on the last (an extension).",
+    )
 
 
 class ExchangeItem(BaseModel):

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from llamachat_process.logs import LogFormat
+from llamachat_process.tenants import KeySettings
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(KeySettings):
     """Configuration of the REST gateway."""
 
     model_config = SettingsConfigDict(
@@ -28,11 +29,11 @@ class GatewaySettings(BaseSettings):
         default="127.0.0.1:50051",
         description="Address of the gRPC inference core: HOST:PORT, or unix:PATH.",
     )
-    api_key: SecretStr | None = Field(
-        default=None,
-        description="When set, every endpoint but /, /health, the docs, /ui and /metrics needs "
-        "'Authorization: Bearer <API_KEY>' or 'X-API-Key: <API_KEY>' (401 otherwise); "
-        "the gateway sends the same key to the core.",
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Host header values served, comma-separated, any port; '*' serves every "
+        "host. Default: localhost, 127.0.0.1, [::1] and HOST (400 for any other host, "
+        "which stops DNS rebinding).",
     )
     grpc_tls_ca: Path | None = Field(
         default=None,
@@ -51,6 +52,33 @@ class GatewaySettings(BaseSettings):
     )
     health_timeout_s: float = Field(
         default=2.0, gt=0, description="Deadline of the health check of the core."
+    )
+    grpc_max_receive_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest reply accepted from the core, in bytes; keep it above the "
+        "core's MAX_SESSION_BYTES.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection may take to send a request's headers (also when "
+        "idle before its first request); past it the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request may take to send its body; past it the connection is "
+        "closed.",
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="Seconds an idle keep-alive connection stays open."
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Connections served at once; past it a request gets 503 and its "
+        "connection is closed.",
     )
     max_body_bytes: int = Field(
         default=1024 * 1024,
@@ -73,7 +101,7 @@ class GatewaySettings(BaseSettings):
         description="Log lines as text, or as JSON objects (json) for log collectors.",
     )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def split_origins(cls, value: object) -> object:
         if isinstance(value, str):

@@ -58,10 +58,11 @@ async def relay(
     rest: AsyncIterator[chat_pb2.ChatStreamResponse],
     call: grpc.aio.UnaryStreamCall,
     on_done: Callable[[chat_pb2.ChatStreamResponse], None] = lambda done: None,
+    on_error: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[str]:
     """SSE lines for a stream whose first message has already arrived;
     ``on_done`` gets the last message (session id and usage) as its event
-    is sent.
+    is sent, ``on_error`` is called as an error event is.
 
     When the HTTP client goes away, Starlette cancels this generator and the
     ``finally`` cancels the gRPC call, which stops generation in the core.
@@ -75,6 +76,7 @@ async def relay(
             if last:  # the response ends here, not when the call's status comes
                 break
     except grpc.aio.AioRpcError as error:
+        on_error()
         yield sse_event({"error": detail_of(error)})
     finally:
         call.cancel()

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from inference_server.domain import (
+    DEFAULT_TENANT,
     ChatEvent,
     ChatRequest,
     ChatResult,
@@ -21,10 +22,16 @@ from inference_server.domain import (
     ModelInfo,
     TextDelta,
 )
-from inference_server.engine import collect
-from inference_server.errors import ContextOverflow, EngineNotReady, Overloaded, SessionNotFound
+from inference_server.engine_api import MAX_PAGE, collect
+from inference_server.errors import (
+    ContextOverflow,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+    SessionNotFound,
+)
 from inference_server.metrics import EngineMetrics
-from inference_server.sessions import InMemorySessionStore, Retention
+from inference_server.sessions import InMemorySessionStore, Retention, SessionPage
 from inference_server.settings import ServerSettings
 from inference_server.validation import resolve_completion_sampling, resolve_sampling
 
@@ -70,7 +77,7 @@ class FakeEngine:
             yield piece
         finish = FinishReason.STOP if len(pieces) == len(self.script) else FinishReason.LENGTH
         text = "".join(pieces)
-        self.store.append(session_id, Exchange(request.message, text))
+        self.store.append(request.tenant, session_id, Exchange(request.message, text))
         yield ChatResult(session_id, text, finish, len(request.message), len(pieces))
 
     async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
@@ -121,14 +128,18 @@ class FakeEngine:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
 
-    async def clear(self, session_id: str) -> None:
-        self.store.delete(session_id)
+    async def clear(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        self.store.delete(tenant, session_id)
 
-    async def history(self, session_id: str) -> list[Exchange]:
-        history = self.store.history(session_id)
+    async def history(self, session_id: str, tenant: str = DEFAULT_TENANT) -> list[Exchange]:
+        history = self.store.history(tenant, session_id)
         if history is None:
             raise SessionNotFound(session_id)
         return history
 
-    async def list_sessions(self) -> list[str]:
-        return self.store.session_ids()
+    async def list_sessions(
+        self, tenant: str = DEFAULT_TENANT, limit: int = MAX_PAGE, cursor: str | None = None
+    ) -> SessionPage:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        return self.store.list_sessions(tenant, limit, cursor)

@@ -102,7 +102,7 @@ def test_errors_raise_the_sdks_exceptions_with_the_servers_message(client):
     assert error_body(missing.value)["code"] == "model_not_found" and MODEL in missing.value.message
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4
+            model=MODEL, messages=[{"role": "user", "content": "word " * 6000}], max_tokens=4
         )
     assert "context" in too_long.value.message
 

@@ -112,7 +112,7 @@ async def test_a_turn_from_the_cached_prefix_evaluates_only_what_is_new(make_eng
     # llama.cpp alone, from scratch, in the same shapes (first prompt in one
     # batch, the reply a token at a time as generated, then the rest in one
     # batch) gives the same reply: the reused cells are exactly right.
-    history = engine._store.history("s")
+    history = engine._store.history("default", "s")
     prompt = tokenizer.tokenize_chat(
         [
             {"role": "user", "content": history[0].user},
@@ -139,7 +139,9 @@ async def test_a_cold_turn_equals_any_other_cold_evaluation_of_the_same_history(
     assert back.cached_prompt_tokens == 0
 
     cold = await make_engine()
-    cold._store.append("a", engine._store.history("a")[0])  # the same history, no KV
+    cold._store.append(
+        "default", "a", engine._store.history("default", "a")[0]
+    )  # the same history, no KV
     again = await cold.chat(ask("What is my favourite colour?", "a"))
     assert again.cached_prompt_tokens == 0
     assert again.text == back.text
@@ -247,4 +249,4 @@ async def test_closing_the_engine_ends_streams_in_flight_and_waiting_as_cancelle
     with pytest.raises(EngineNotReady):
         await engine.list_sessions()  # closed
     reopened = SqliteSessionStore(tmp_path / "sessions.db", Retention(5, 10, 0))
-    assert reopened.session_ids() == []  # no half exchange
+    assert reopened.list_sessions("default", 10).ids == []  # no half exchange

@@ -115,7 +115,7 @@ async def test_a_store_that_cannot_be_written_makes_the_core_unhealthy_until_spa
 ):
     settings = ServerSettings(session_db=str(tmp_path / "sessions.db"))
     store = CappedStore(settings.session_db, Retention(window=5, max_sessions=100, ttl_s=0))
-    store.append("old", Exchange("An old question.", "x" * 100_000))  # about 25 pages
+    store.append("default", "old", Exchange("An old question.", "x" * 100_000))  # about 25 pages
     store.full()
     engine = LlamaEngine(
         settings, store, load_runtime=partial(load_runtime, settings, default_model_path())
@@ -128,7 +128,7 @@ async def test_a_store_that_cannot_be_written_makes_the_core_unhealthy_until_spa
             await engine.chat(ask(long, "new", max_tokens=2))
         assert "database or disk is full" in (engine.unavailable_reason() or "")
         assert "database or disk is full" in (engine.model_info().unavailable_reason or "")
-        assert await engine.list_sessions() == ["old"]  # nothing half-kept
+        assert (await engine.list_sessions()).ids == ["old"]  # nothing half-kept
         changed = engine.health_changed()
         await engine.clear("old")  # still works: this is how space is freed
         await asyncio.wait_for(changed, 10)  # the store is tried again and found writable

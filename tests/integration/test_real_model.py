@@ -55,7 +55,7 @@ async def test_the_window_keeps_exactly_the_last_five_exchanges(engine, tokenize
     for turn in range(1, 8):
         result = await engine.chat(ask(f"Remember the number {turn}.", session, max_tokens=6))
         said.append((f"Remember the number {turn}.", result.text))
-    kept = [(e.user, e.assistant) for e in engine._store.history(session)]
+    kept = [(e.user, e.assistant) for e in engine._store.history("default", session)]
     assert kept == said[2:]  # exchanges 3 to 7
     last = await engine.chat(ask("Which numbers did I give you?", session, max_tokens=6))
     expected_prompt = tokenizer.tokenize_chat(
@@ -68,7 +68,7 @@ async def test_the_window_is_a_setting(make_engine):
     engine = await make_engine(history_exchanges=2)
     for turn in range(4):
         await engine.chat(ask(f"Message {turn}", "s", max_tokens=3))
-    assert [e.user for e in engine._store.history("s")] == ["Message 2", "Message 3"]
+    assert [e.user for e in engine._store.history("default", "s")] == ["Message 2", "Message 3"]
 
 
 async def test_stream_and_non_stream_give_the_same_text_at_temperature_zero(engine):
@@ -121,7 +121,7 @@ async def test_closing_a_stream_stops_generation_and_keeps_no_half_exchange(make
     # more, but it stopped long before max_tokens. (Exactly at the cancelled
     # token: test_scheduler's cancellation test.)
     assert 2 <= prompts[1] - prompts[0] - 1 < 60
-    assert await engine.list_sessions() == [after.session_id]
+    assert (await engine.list_sessions()).ids == [after.session_id]
 
 
 async def test_a_failure_mid_stream_keeps_no_half_exchange_and_the_engine_goes_on(make_engine):
@@ -131,7 +131,7 @@ async def test_a_failure_mid_stream_keeps_no_half_exchange_and_the_engine_goes_o
         async for event in engine.chat_stream(ask("Write a long poem.", "broken", max_tokens=50)):
             received.append(event)
     assert [type(event) for event in received] == [TextDelta, TextDelta]
-    assert await engine.list_sessions() == []
+    assert (await engine.list_sessions()).ids == []
     after = await engine.chat(ask("Write a long poem.", "broken", max_tokens=5))
     assert after.completion_tokens == 5
     assert after.cached_prompt_tokens == 0  # the failed batch's cells were dropped
@@ -145,7 +145,7 @@ async def test_clearing_a_session_while_it_generates_is_not_undone(make_engine):
         await engine.clear("busy")
         rest = [event async for event in events]
     assert isinstance(first, TextDelta) and isinstance(rest[-1], ChatResult)
-    assert "busy" not in await engine.list_sessions()
+    assert "busy" not in (await engine.list_sessions()).ids
 
 
 async def test_a_message_too_long_for_the_context_is_refused(make_engine):
@@ -163,4 +163,4 @@ async def test_oldest_exchanges_leave_the_prompt_when_the_context_is_full(make_e
             ask(f"Turn {turn}: " + "tell me more " * 15, "long", max_tokens=8)
         )
         assert result.prompt_tokens < 256
-    assert len(engine._store.history("long")) == 4
+    assert len(engine._store.history("default", "long")) == 4

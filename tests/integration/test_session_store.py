@@ -17,7 +17,7 @@ async def test_a_reply_is_on_disk_before_the_engine_returns_it(make_engine, tmp_
     result = await engine.chat(ask("Hello!", "durable", max_tokens=6))
     # A second connection, as a restarted process would open it.
     reader = SqliteSessionStore(path, Retention(window=5, max_sessions=10, ttl_s=0))
-    assert reader.history("durable") == [Exchange("Hello!", result.text)]
+    assert reader.history("default", "durable") == [Exchange("Hello!", result.text)]
     assert await engine.history("durable") == [Exchange("Hello!", result.text)]
 
 
@@ -40,19 +40,19 @@ async def test_a_restarted_engine_continues_a_session_from_its_file(make_engine,
 async def test_sessions_unused_past_the_ttl_are_removed(make_engine):
     engine = await make_engine(session_ttl_s=0.4)
     await engine.chat(ask("Hello!", "short-lived", max_tokens=3))
-    assert await engine.list_sessions() == ["short-lived"]
+    assert (await engine.list_sessions()).ids == ["short-lived"]
     for _ in range(50):
         await asyncio.sleep(0.1)
-        if not await engine.list_sessions():
+        if not (await engine.list_sessions()).ids:
             break
-    assert await engine.list_sessions() == []
+    assert (await engine.list_sessions()).ids == []
 
 
 async def test_past_max_sessions_the_evicted_session_loses_its_kv_cache_too(make_engine):
     engine = await make_engine(max_sessions=1)
     first = await engine.chat(ask("Hello!", "a", max_tokens=4))
     await engine.chat(ask("Hello!", "b", max_tokens=4))
-    assert await engine.list_sessions() == ["b"]
+    assert (await engine.list_sessions()).ids == ["b"]
     again = await engine.chat(ask("Hello!", "a", max_tokens=4))
     # "a" starts over: the same prompt as its first turn, none of it from a stale cache.
     assert again.prompt_tokens == first.prompt_tokens

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from inference_server.server import CoreServer, create_server
 from llamachat.v1 import chat_pb2_grpc
 from rest_gateway.app import create_app
+from rest_gateway.connections import server_config
 from rest_gateway.settings import GatewaySettings
 from tests.fake_engine import FakeEngine
 
@@ -46,9 +47,11 @@ def stub(channel: grpc.aio.Channel) -> chat_pb2_grpc.ChatServiceStub:
 
 
 @asynccontextmanager
-async def serve_app(app: FastAPI) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+async def serve_app(app: FastAPI, settings: GatewaySettings) -> AsyncIterator[str]:
+    """Serve ``app`` as the gateway's ``main`` does (uvicorn, its connection
+    limits) on a free port of 127.0.0.1; yields its base URL."""
+    config = server_config(app, settings, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -65,7 +68,8 @@ async def serve_app(app: FastAPI) -> AsyncIterator[str]:
 @asynccontextmanager
 async def gateway_for(**settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of a gateway started with ``settings``."""
-    async with serve_app(create_app(GatewaySettings(**settings))) as url:
+    gateway = GatewaySettings(**settings)
+    async with serve_app(create_app(gateway), gateway) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             yield client
 

@@ -88,7 +88,7 @@ async def test_chat_has_exactly_the_documented_shape(http):
 async def test_chat_with_a_session_continues_it(http, engine):
     first = (await http.post("/chat", json={"message": "My name is Alice"})).json()
     await http.post("/chat", json={"message": "What's my name?", "session_id": first["session_id"]})
-    history = engine.store.history(first["session_id"])
+    history = engine.store.history("default", first["session_id"])
     assert [e.user for e in history] == ["My name is Alice", "What's my name?"]
     sessions = (await http.get("/sessions")).json()
     assert sessions == {"sessions": [first["session_id"]], "count": 1}

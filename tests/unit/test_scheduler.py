@@ -32,7 +32,8 @@ class Run:
 
     def submit(self, prompt: list[int], session: str | None = None) -> Future[Generation]:
         done: Future[Generation] = Future()
-        self.scheduler.submit(Job(session, prompt, GREEDY, lambda piece: None, settle(done)))
+        key = ("tenant", session) if session is not None else None
+        self.scheduler.submit(Job(key, prompt, GREEDY, lambda piece: None, settle(done)))
         return done
 
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inference_server.server import CoreServer, TlsFiles, create_server
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
+from llamachat_process.tenants import load_key_ring
 from tests.fake_engine import FakeEngine
 
 from .conftest import gateway_for
@@ -24,7 +25,7 @@ BEARER = (("authorization", f"Bearer {KEY}"),)
 
 @pytest.fixture
 async def locked_core(engine: FakeEngine) -> AsyncIterator[CoreServer]:
-    core = await create_server("127.0.0.1:0", engine, api_key=KEY)
+    core = await create_server("127.0.0.1:0", engine, keys=load_key_ring(KEY, None, None))
     await core.server.start()
     await core.set_serving(True)
     yield core

@@ -19,7 +19,7 @@ from tests.fake_engine import FAKE_N_CTX, FakeEngine
 async def test_chat_returns_the_reply_session_and_counts(stub, engine):
     reply = await stub.Chat(chat_pb2.ChatRequest(message="Hi there", temperature=0))
     assert reply.text == "Hello, world!"
-    assert reply.session_id in engine.store.session_ids()
+    assert reply.session_id in engine.store.list_sessions("default", 1000).ids
     assert reply.finish_reason == chat_pb2.FINISH_REASON_STOP
     assert reply.usage.prompt_tokens == len("Hi there")
     assert reply.usage.completion_tokens == 4
@@ -58,7 +58,7 @@ async def test_max_tokens_bounds_the_reply_and_says_length(stub):
 async def test_a_given_session_id_creates_then_continues_that_session(stub, engine):
     await stub.Chat(chat_pb2.ChatRequest(message="one", session_id="my-session"))
     await stub.Chat(chat_pb2.ChatRequest(message="two", session_id="my-session"))
-    assert [e.user for e in engine.store.history("my-session")] == ["one", "two"]
+    assert [e.user for e in engine.store.history("default", "my-session")] == ["one", "two"]
     listed = await stub.ListSessions(chat_pb2.ListSessionsRequest())
     assert list(listed.session_ids) == ["my-session"]
 
@@ -67,7 +67,7 @@ async def test_clear_forgets_the_session_and_unknown_is_not_found(stub, engine):
     await stub.Chat(chat_pb2.ChatRequest(message="one", session_id="s1"))
     reply = await stub.Clear(chat_pb2.ClearRequest(session_id="s1"))
     assert reply.session_id == "s1"
-    assert engine.store.session_ids() == []
+    assert engine.store.list_sessions("default", 1000).ids == []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Clear(chat_pb2.ClearRequest(session_id="s1"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -83,7 +83,7 @@ async def test_error_mid_stream_ends_the_stream_with_internal(stub, engine):
     assert received == ["Hello", ","]
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "Generation error: the model fell over" in (caught.value.details() or "")
-    assert engine.store.session_ids() == []  # no half exchange kept
+    assert engine.store.list_sessions("default", 1000).ids == []  # no half exchange kept
 
 
 async def test_cancelling_mid_stream_closes_the_engine_stream(stub, engine):
@@ -94,7 +94,7 @@ async def test_cancelling_mid_stream_closes_the_engine_stream(stub, engine):
     call.cancel()
     await asyncio.wait_for(engine.cancelled.wait(), timeout=5)
     assert engine.pieces_sent == 2
-    assert engine.store.session_ids() == []
+    assert engine.store.list_sessions("default", 1000).ids == []
 
 
 @pytest.mark.parametrize("rpc", ["Chat", "ChatStream"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from inference_server.domain import Exchange
-from inference_server.errors import SessionNotFound, SessionStoreError
+from inference_server.errors import InvalidRequest, SessionNotFound, SessionStoreError
 from inference_server.sessions import (
     InMemorySessionStore,
     Retention,
@@ -34,14 +34,29 @@ StoreFactory = Callable[..., SessionStore]
 @pytest.fixture(params=["memory", "sqlite"])
 def make_store(request, tmp_path: Path) -> StoreFactory:
     def make(
-        window: int = 3, max_sessions: int = 100, ttl_s: float = 0, clock=None
+        window: int = 3, max_sessions: int = 100, ttl_s: float = 0, clock=None, max_bytes=1 << 20
     ) -> SessionStore:
-        retention = Retention(window, max_sessions, ttl_s, clock or Clock())
+        retention = Retention(window, max_sessions, ttl_s, clock or Clock(), max_bytes)
         if request.param == "memory":
             return InMemorySessionStore(retention)
         return SqliteSessionStore(tmp_path / "sessions.db", retention)
 
     return make
+
+
+T = "default"  # the tenant of the tests that have one
+
+
+def ids(store: SessionStore, tenant: str = T) -> list[str]:
+    """Every session id of a tenant, page after page of 2."""
+    found: list[str] = []
+    cursor = None
+    while True:
+        page = store.list_sessions(tenant, 2, cursor)
+        found += page.ids
+        if page.next_cursor is None:
+            return found
+        cursor = page.next_cursor
 
 
 def turn(n: int) -> Exchange:
@@ -50,93 +65,93 @@ def turn(n: int) -> Exchange:
 
 def test_an_unknown_session_has_no_history(make_store: StoreFactory):
     store = make_store()
-    assert store.history("nobody") is None
-    assert store.session_ids() == []
+    assert store.history(T, "nobody") is None
+    assert ids(store) == []
 
 
 def test_the_window_keeps_the_latest_exchanges_in_order(make_store: StoreFactory):
     store = make_store(window=3)
     for n in range(5):
-        store.append("s", turn(n))
-    assert store.history("s") == [turn(2), turn(3), turn(4)]
+        store.append(T, "s", turn(n))
+    assert store.history(T, "s") == [turn(2), turn(3), turn(4)]
 
 
 def test_a_window_of_zero_keeps_the_session_without_history(make_store: StoreFactory):
     store = make_store(window=0)
-    store.append("s", turn(0))
-    assert store.history("s") == []
-    assert store.session_ids() == ["s"]
+    store.append(T, "s", turn(0))
+    assert store.history(T, "s") == []
+    assert ids(store) == ["s"]
 
 
 def test_sessions_are_listed_least_recently_used_first(make_store: StoreFactory):
     store = make_store()
     for session in ("a", "b", "c"):
-        store.append(session, turn(0))
-    store.append("a", turn(1))
-    assert store.session_ids() == ["b", "c", "a"]
+        store.append(T, session, turn(0))
+    store.append(T, "a", turn(1))
+    assert ids(store) == ["b", "c", "a"]
     assert store.count() == 3
 
 
 def test_past_max_sessions_the_least_recently_used_are_removed(make_store: StoreFactory):
     store = make_store(max_sessions=2)
-    assert store.append("a", turn(0)) == []
-    assert store.append("b", turn(0)) == []
-    store.append("a", turn(1))  # b is now the least recently used
-    assert store.append("c", turn(0)) == ["b"]
-    assert store.session_ids() == ["a", "c"]
-    assert store.history("b") is None
+    assert store.append(T, "a", turn(0)) == []
+    assert store.append(T, "b", turn(0)) == []
+    store.append(T, "a", turn(1))  # b is now the least recently used
+    assert store.append(T, "c", turn(0)) == [(T, "b")]
+    assert ids(store) == ["a", "c"]
+    assert store.history(T, "b") is None
 
 
 def test_delete_forgets_a_session_and_refuses_an_unknown_one(make_store: StoreFactory):
     store = make_store()
-    store.append("a", turn(0))
-    store.append("b", turn(0))
-    store.delete("a")
-    assert store.history("a") is None
-    assert store.session_ids() == ["b"]
+    store.append(T, "a", turn(0))
+    store.append(T, "b", turn(0))
+    store.delete(T, "a")
+    assert store.history(T, "a") is None
+    assert ids(store) == ["b"]
     with pytest.raises(SessionNotFound):
-        store.delete("a")
+        store.delete(T, "a")
 
 
 def test_expire_removes_sessions_unused_for_longer_than_the_ttl(make_store: StoreFactory):
     clock = Clock()
     store = make_store(ttl_s=60, clock=clock)
-    store.append("old", turn(0))
+    store.append(T, "old", turn(0))
     clock.now += 30
-    store.append("recent", turn(0))
+    store.append(T, "recent", turn(0))
     clock.now += 31  # "old" unused for 61 s, "recent" for 31 s
-    assert store.expire() == ["old"]
-    assert store.session_ids() == ["recent"]
+    assert store.expire() == [(T, "old")]
+    assert ids(store) == ["recent"]
     assert store.expire() == []
 
 
 def test_a_ttl_of_zero_never_expires(make_store: StoreFactory):
     clock = Clock()
     store = make_store(ttl_s=0, clock=clock)
-    store.append("s", turn(0))
+    store.append(T, "s", turn(0))
     clock.now += 10**9
     assert store.expire() == []
-    assert store.session_ids() == ["s"]
+    assert ids(store) == ["s"]
 
 
 def test_sqlite_keeps_sessions_windows_and_order_across_a_reopen(tmp_path: Path):
     retention = Retention(window=2, max_sessions=10, ttl_s=0)
     store = SqliteSessionStore(tmp_path / "s.db", retention)
     for n in range(3):
-        store.append("a", turn(n))
-    store.append("b", turn(9))
-    store.append("a", turn(3))
-    store.delete("b")
-    store.append("c", turn(0))
+        store.append(T, "a", turn(n))
+    store.append(T, "b", turn(9))
+    store.append(T, "a", turn(3))
+    store.delete(T, "b")
+    store.append(T, "c", turn(0))
     # Not closed: as after a crash, only what was committed counts.
     reopened = SqliteSessionStore(tmp_path / "s.db", retention)
-    assert reopened.session_ids() == ["a", "c"]
-    assert reopened.history("a") == [turn(2), turn(3)]
-    assert reopened.history("c") == [turn(0)]
+    assert ids(reopened) == ["a", "c"]
+    assert reopened.history(T, "a") == [turn(2), turn(3)]
+    assert reopened.history(T, "c") == [turn(0)]
 
 
 def test_sqlite_uses_wal_with_full_sync(tmp_path: Path):
-    SqliteSessionStore(tmp_path / "s.db", Retention(5, 10, 0)).append("s", turn(0))
+    SqliteSessionStore(tmp_path / "s.db", Retention(5, 10, 0)).append(T, "s", turn(0))
     reader = sqlite3.connect(tmp_path / "s.db")
     assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -150,15 +165,15 @@ def test_a_store_that_cannot_be_opened_says_where(tmp_path: Path):
 
 def test_a_failed_write_keeps_nothing_and_raises_a_store_error(tmp_path: Path):
     store = SqliteSessionStore(tmp_path / "s.db", Retention(5, 10, 0))
-    store.append("s", turn(0))
+    store.append(T, "s", turn(0))
     # Another connection holds the write lock past the store's busy timeout.
     blocker = sqlite3.connect(tmp_path / "s.db", isolation_level=None, timeout=0)
     blocker.execute("BEGIN IMMEDIATE")
     store._db.execute("PRAGMA busy_timeout = 50")
     with pytest.raises(SessionStoreError, match="locked"):
-        store.append("s", turn(1))
+        store.append(T, "s", turn(1))
     blocker.execute("ROLLBACK")
-    assert store.history("s") == [turn(0)]
+    assert store.history(T, "s") == [turn(0)]
 
 
 def test_memory_is_chosen_by_its_name(tmp_path: Path):
@@ -178,7 +193,7 @@ def test_a_damaged_database_is_refused_at_open(tmp_path: Path):
     path = tmp_path / "s.db"
     store = SqliteSessionStore(path, Retention(5, 1000, 0))
     for n in range(200):
-        store.append(f"session {n}", Exchange("q" * 200, "a" * 200))
+        store.append(T, f"session {n}", Exchange("q" * 200, "a" * 200))
     store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
     data = bytearray(path.read_bytes())
@@ -192,15 +207,87 @@ def test_a_damaged_database_is_refused_at_open(tmp_path: Path):
 
 def test_a_full_store_refuses_writes_keeps_what_it_had_and_recovers(tmp_path: Path):
     store = SqliteSessionStore(tmp_path / "s.db", Retention(5, 10, 0))
-    store.append("big", Exchange("q", "x" * 50_000))
+    store.append(T, "big", Exchange("q", "x" * 50_000))
     (pages,) = store._db.execute("PRAGMA page_count").fetchone()
     store._db.execute(f"PRAGMA max_page_count = {pages}")  # as a full disk
     with pytest.raises(SessionStoreError, match="full"):
-        store.append("s", Exchange("q" * 10_000, "a"))
+        store.append(T, "s", Exchange("q" * 10_000, "a"))
     with pytest.raises(SessionStoreError, match="full"):
         store.check_writable()
-    assert store.history("s") is None and store.history("big") is not None
-    store.delete("big")  # frees pages
+    assert store.history(T, "s") is None and store.history(T, "big") is not None
+    store.delete(T, "big")  # frees pages
     store.check_writable()
-    store.append("s", Exchange("q" * 10_000, "a"))
-    assert store.session_ids() == ["s"]
+    store.append(T, "s", Exchange("q" * 10_000, "a"))
+    assert ids(store) == ["s"]
+
+
+def test_tenants_never_see_or_touch_each_others_sessions(make_store: StoreFactory):
+    store = make_store()
+    store.append("acme", "shared-id", turn(1))
+    store.append("globex", "shared-id", turn(2))
+    assert store.history("acme", "shared-id") == [turn(1)]
+    assert store.history("globex", "shared-id") == [turn(2)]
+    assert ids(store, "acme") == ["shared-id"] and ids(store, "initech") == []
+    store.delete("acme", "shared-id")
+    assert store.history("globex", "shared-id") == [turn(2)]
+    with pytest.raises(SessionNotFound):
+        store.delete("acme", "shared-id")
+
+
+def test_max_sessions_is_per_tenant_so_one_evicts_only_its_own(make_store: StoreFactory):
+    store = make_store(max_sessions=2)
+    store.append("victim", "v", turn(0))
+    for n in range(3):
+        store.append("noisy", f"n{n}", turn(n))
+    assert ids(store, "victim") == ["v"]
+    assert ids(store, "noisy") == ["n1", "n2"]
+
+
+def test_listing_comes_in_pages_with_a_cursor(make_store: StoreFactory):
+    store = make_store()
+    for n in range(5):
+        store.append(T, f"s{n}", turn(n))
+    first = store.list_sessions(T, 3)
+    assert first.ids == ["s0", "s1", "s2"] and first.next_cursor is not None
+    second = store.list_sessions(T, 3, first.next_cursor)
+    assert second.ids == ["s3", "s4"] and second.next_cursor is None
+    with pytest.raises(InvalidRequest, match="cursor"):
+        store.list_sessions(T, 3, "not-a-cursor")
+
+
+def test_a_sessions_stored_text_is_bounded_in_bytes(make_store: StoreFactory):
+    store = make_store(window=10, max_bytes=1000)
+    for n in range(5):
+        store.append(T, "s", Exchange(f"q{n}" + "é" * 150, "a"))  # about 300 bytes each
+    kept = store.history(T, "s")
+    assert kept is not None and [e.user[:2] for e in kept] == ["q2", "q3", "q4"]
+    store.append(T, "s", Exchange("x" * 5000, "big"))  # the newest always stays
+    assert store.history(T, "s") == [Exchange("x" * 5000, "big")]
+
+
+def test_a_store_of_the_first_schema_is_migrated_to_the_default_tenant(tmp_path: Path):
+    path = tmp_path / "v1.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, last_used REAL NOT NULL,
+                               use_order INTEGER NOT NULL);
+        CREATE INDEX sessions_by_use ON sessions (use_order);
+        CREATE INDEX sessions_by_time ON sessions (last_used);
+        CREATE TABLE exchanges (
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            turn INTEGER NOT NULL, user TEXT NOT NULL, assistant TEXT NOT NULL,
+            PRIMARY KEY (session_id, turn));
+        INSERT INTO sessions VALUES ('a', 1.0, 1), ('b', 2.0, 2);
+        INSERT INTO exchanges VALUES ('a', 1, 'question 0', 'answer 0'),
+                                     ('a', 2, 'question 1', 'answer 1');
+        """
+    )
+    old.close()
+    store = SqliteSessionStore(path, Retention(5, 10, 0))
+    assert ids(store) == ["a", "b"]
+    assert store.history(T, "a") == [turn(0), turn(1)]
+    store.append(T, "a", turn(2))
+    store.close()
+    reopened = SqliteSessionStore(path, Retention(5, 10, 0))
+    assert reopened.history(T, "a") == [turn(0), turn(1), turn(2)]
