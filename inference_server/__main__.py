@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from llamachat_process.cli import program_name
+from llamachat_process.cli import program_name, settings_or_exit
 from llamachat_process.logs import configure_logging
 from llamachat_process.parent import watch_parent
 from llamachat_process.tenants import KeyFileError
@@ -108,7 +108,7 @@ async def serve(settings: ServerSettings, runtime_class: type[LlamaRuntime] = Ll
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    settings = settings_or_exit(lambda: parse_settings(sys.argv[1:] if argv is None else argv))
     configure_logging(settings.log_level, settings.log_format)
     watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)
     try:

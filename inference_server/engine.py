@@ -103,6 +103,11 @@ class LlamaEngine:
             on_failure=self._scheduler_failed,
         )
         self._runtime: LlamaRuntime | None = None
+        """The model while it serves (``None`` while loading, once failed or closing)."""
+        self._loaded: LlamaRuntime | None = None
+        # Tokenizations running on worker threads: the model is freed only after them.
+        self._tokenizing = 0
+        self._tokenized = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: asyncio.Future[EngineFailed] | None = None
         """Resolved when the scheduler stops on an unexpected error (after ``load``)."""
@@ -133,7 +138,7 @@ class LlamaEngine:
             runtime = await asyncio.wrap_future(self._scheduler.start())
         except (ValueError, RuntimeError, OSError) as error:
             raise ModelLoadError(f"Could not load the model: {error}") from error
-        self._runtime = cast(LlamaRuntime, runtime)
+        self._runtime = self._loaded = cast(LlamaRuntime, runtime)
         self._health_changes()
         if self._settings.session_ttl_s:
             self._expiry = asyncio.create_task(self._expire_sessions())
@@ -175,7 +180,11 @@ class LlamaEngine:
         for task in (self._expiry, self._store_probe):
             if task is not None:
                 task.cancel()
+        async with self._tokenized:
+            await self._tokenized.wait_for(lambda: self._tokenizing == 0)
         await asyncio.to_thread(self._scheduler.stop)
+        if self._scheduler.failure is not None and self._loaded is not None:
+            self._loaded.close()  # a scheduler that failed left the model to us
         # After the calls already queued, so that what they commit is kept.
         await asyncio.get_running_loop().run_in_executor(self._store_thread, self._store.close)
         self._store_thread.shutdown()
@@ -224,6 +233,19 @@ class LlamaEngine:
                 return  # closing
             else:
                 self._store_writable()
+
+    async def _tokenize(
+        self, call: Callable[P, list[int]], *args: P.args, **kwargs: P.kwargs
+    ) -> list[int]:
+        """Run a tokenization on a worker thread; ``aclose`` frees the model
+        only once none runs."""
+        self._tokenizing += 1
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        finally:
+            self._tokenizing -= 1
+            async with self._tokenized:
+                self._tokenized.notify_all()
 
     def _forget_kv(self, sessions: list[SessionKey]) -> None:
         for session in sessions:
@@ -321,7 +343,7 @@ class LlamaEngine:
         self._cleared_while_generating[session] = False
         try:
             history = await self._in_store(self._store.history, *session) or []
-            prompt = await asyncio.to_thread(self._fit_prompt, runtime, history, request.message)
+            prompt = await self._tokenize(self._fit_prompt, runtime, history, request.message)
             generation = self._generate(prompt, sampling, session, session[0], arrived)
             async with aclosing(generation) as events:
                 async for event in events:
@@ -340,7 +362,7 @@ class LlamaEngine:
         runtime = self._require_runtime()
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
         async with self._admitted():
-            prompt = await asyncio.to_thread(self._tokenize_conversation, runtime, request.messages)
+            prompt = await self._tokenize(self._tokenize_conversation, runtime, request.messages)
             generation = self._generate(
                 prompt, sampling, None, request.tenant, arrived, request.stop
             )

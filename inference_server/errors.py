@@ -67,7 +67,8 @@ class EngineFailed(EngineError):
 
 class NoRoomInKvCache(EngineError):
     """llama.cpp found no room in the KV cache for this request's tokens, even
-    decoded alone; other requests go on."""
+    decoded alone; other requests go on. Retrying the same request does not
+    help, so it is answered as a bad request (INVALID_ARGUMENT, 400)."""
 
     def __init__(self) -> None:
         super().__init__("No room in the KV cache for this request; try a shorter one")

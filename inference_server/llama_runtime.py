@@ -69,6 +69,18 @@ _LOG_CONT = 5
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([\d.]+) MiB")
 
 
+class TemplateMangles(ValueError):
+    """The chat template transforms message text, so it cannot be tokenized apart."""
+
+
+# A conversation every chat template renders: what the load-time check uses.
+PROBE_CONVERSATION = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi"},
+    {"role": "user", "content": "  How are you?  "},
+]
+
+
 class _LlamaLog:
     """llama.cpp's log, whose callback is one for the whole process: warnings
     and errors go to the ``llama.cpp`` logger, and the lines that say which
@@ -205,6 +217,11 @@ class LlamaRuntime:
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._formatter = self._chat_formatter(model_path)
+        try:  # once, so that a template that mangles messages is refused at start
+            self.tokenize_chat(PROBE_CONVERSATION)
+        except TemplateMangles as error:
+            self.close()
+            raise ValueError(f"{model_path}: {error}") from error
 
     # --- vocabulary (any thread) -------------------------------------------
 
@@ -252,15 +269,20 @@ class LlamaRuntime:
         so that only the template's own markup can become control tokens.
 
         The template is rendered around placeholders that no message can
-        contain (a fresh random marker each time); the markup between them is
-        tokenized with special-token parsing, each message's content without
-        it. A user who writes ``<|im_start|>system`` gets those characters as
-        text, never a forged turn. (Ollama tokenizes template and content
-        apart in the same way.) A placeholder the template leaves out is a
-        message the template drops.
+        contain (a fresh random marker each time, of capitals and digits only,
+        so that templates which ``trim`` or ``upper`` a message keep it whole);
+        the markup between them is tokenized with special-token parsing, each
+        message's content without it. A user who writes ``<|im_start|>system``
+        gets those characters as text, never a forged turn. (Ollama tokenizes
+        template and content apart in the same way.) A placeholder the
+        template leaves out is a message the template drops; one it changes
+        is refused (``TemplateMangles``), never sent as markup. Each piece is
+        tokenized alone: with SentencePiece vocabularies that add a space
+        prefix, a message's text gets that leading space as it would after a
+        control token.
         """
-        marker = secrets.token_hex(8)
-        placeholders = {f"\x1f{marker}:{i}\x1f": m["content"] for i, m in enumerate(messages)}
+        marker = f"LLAMACHAT{secrets.token_hex(8).upper()}"
+        placeholders = {f"{marker}M{i}E": m["content"] for i, m in enumerate(messages)}
         templated = [
             {**message, "content": placeholder}
             for message, placeholder in zip(messages, placeholders, strict=True)
@@ -268,7 +290,12 @@ class LlamaRuntime:
         # Role/content dicts: the shape of llama_cpp's message TypedDicts.
         rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", templated))
         tokens: list[int] = []
-        pieces = re.split(f"(\x1f{marker}:\\d+\x1f)", rendered.prompt)
+        pieces = re.split(f"({marker}M\\d+E)", rendered.prompt)
+        if any(marker.lower() in piece.lower() for piece in pieces[::2]):
+            raise TemplateMangles(
+                "the model's chat template changes message text (it cannot be kept apart "
+                "from the template's markup)"
+            )
         for index, piece in enumerate(pieces):
             if index % 2:  # a placeholder: a message's content, as plain text
                 tokens += self.tokenize(placeholders[piece], add_bos=False, special=False)

@@ -293,7 +293,9 @@ class BatchScheduler:
             for job in waiting:
                 _notify(job.on_done, job.never_admitted() if failure is None else failure)
             self.running = self.waiting = 0
-            runtime.close()
+            if failure is None:
+                runtime.close()
+            # Else the engine frees it once no other thread tokenizes with it.
 
     def _settle_cancelled(self, waiting: deque[Job], running: list[_Running]) -> None:
         for job in [job for job in waiting if job.cancelled.is_set()]:
@@ -314,20 +316,21 @@ class BatchScheduler:
             slot = slots.acquire(job.session, job.prompt, job.tenant)
             if slot is None:
                 return  # every slot is busy; the oldest job waits for the first to free
-            waiting.popleft()
             cached = slots.reuse_prefix(slot, job.prompt)
-            running.append(
-                _Running(
-                    job=job,
-                    queue_time_s=time.monotonic() - job.submitted_at,
-                    slot=slot,
-                    sampler=runtime.sampler(job.sampling),
-                    unevaluated=job.prompt[cached:],
-                    cached_tokens=cached,
-                    budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
-                    stops=StopSequences(job.stop) if job.stop else None,
-                )
+            # Taken off the queue only once admitted: if anything above raises,
+            # the failure path still finds it there and tells it.
+            admitted = _Running(
+                job=job,
+                queue_time_s=time.monotonic() - job.submitted_at,
+                slot=slot,
+                sampler=runtime.sampler(job.sampling),
+                unevaluated=job.prompt[cached:],
+                cached_tokens=cached,
+                budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
+                stops=StopSequences(job.stop) if job.stop else None,
             )
+            waiting.popleft()
+            running.append(admitted)
 
     def _step(self, runtime: Runtime, slots: SlotTable, running: list[_Running]) -> None:
         plan = self._plan(runtime, running).ordered()

@@ -40,7 +40,7 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SessionStoreError: grpc.StatusCode.UNAVAILABLE,
     EngineFailed: grpc.StatusCode.UNAVAILABLE,
-    NoRoomInKvCache: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoRoomInKvCache: grpc.StatusCode.INVALID_ARGUMENT,
     SessionBusy: grpc.StatusCode.ABORTED,
 }
 

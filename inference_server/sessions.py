@@ -71,7 +71,7 @@ def parse_cursor(cursor: str | None) -> int:
     """The position a page starts after (0: the first page)."""
     if cursor is None or cursor == "":
         return 0
-    if not cursor.isdigit() or len(cursor) > 18:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
         raise InvalidRequest("cursor is not one this server gave: pass next_cursor as it came")
     return int(cursor)
 
@@ -132,7 +132,8 @@ class InMemorySessionStore:
         self._retention = retention
         # Least recently used first.
         self._sessions: OrderedDict[SessionKey, _KeptSession] = OrderedDict()
-        self._use_order = 0
+        # Per tenant, so that a cursor tells nothing of other tenants' traffic.
+        self._use_order: dict[str, int] = {}
 
     def history(self, tenant: str, session_id: str) -> list[Exchange] | None:
         kept = self._sessions.get((tenant, session_id))
@@ -147,8 +148,8 @@ class InMemorySessionStore:
             len(exchanges) > 1 and sum(map(exchange_bytes, exchanges)) > self._retention.max_bytes
         ):
             exchanges.popleft()
-        self._use_order += 1
-        self._sessions[key] = _KeptSession(self._retention.clock(), self._use_order, exchanges)
+        order = self._use_order[tenant] = self._use_order.get(tenant, 0) + 1
+        self._sessions[key] = _KeptSession(self._retention.clock(), order, exchanges)
         mine = [k for k in self._sessions if k[0] == tenant]
         removed = mine[: max(0, len(mine) - self._retention.max_sessions)]
         for old in removed:
@@ -197,7 +198,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     tenant    TEXT NOT NULL,
     id        TEXT NOT NULL,
     last_used REAL NOT NULL,    -- wall-clock time of the last exchange, for the TTL
-    use_order INTEGER NOT NULL, -- larger: used more recently
+    use_order INTEGER NOT NULL, -- larger: used more recently (counted per tenant)
     PRIMARY KEY (tenant, id)
 );
 CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (tenant, use_order);
@@ -328,11 +329,11 @@ class SqliteSessionStore:
         key = (tenant, session_id)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO sessions (tenant, id, last_used, use_order) "
-                "VALUES (?, ?, ?, (SELECT COALESCE(MAX(use_order), 0) + 1 FROM sessions)) "
+                "INSERT INTO sessions (tenant, id, last_used, use_order) VALUES (?, ?, ?, "
+                "(SELECT COALESCE(MAX(use_order), 0) + 1 FROM sessions WHERE tenant = ?)) "
                 "ON CONFLICT (tenant, id) DO UPDATE SET "
                 "last_used = excluded.last_used, use_order = excluded.use_order",
-                (*key, self._retention.clock()),
+                (*key, self._retention.clock(), tenant),
             )
             (turn,) = db.execute(
                 "SELECT COALESCE(MAX(turn), 0) + 1 FROM exchanges "

@@ -34,7 +34,8 @@ from .parent import PARENT_FD_VARIABLE
 RESTARTS_VARIABLE = "SUPERVISOR_RESTARTS"
 # The exit status of a process that refused its settings or files.
 CONFIGURATION_ERROR = 2
-STOP_TIMEOUT_S = 30.0
+# Past the processes' own drain (SHUTDOWN_GRACE_S), how long they get to exit.
+STOP_MARGIN_S = 20.0
 
 log = logging.getLogger("llamachat.supervisor")
 
@@ -139,8 +140,9 @@ class Supervisor:
 
     POLL_S = 0.2
 
-    def __init__(self, policy: RestartPolicy) -> None:
+    def __init__(self, policy: RestartPolicy, stop_timeout_s: float) -> None:
         self._policy = policy
+        self._stop_timeout_s = stop_timeout_s
         # The write end stays open, unwritten, until this process ends.
         self._parent_read, self._parent_write = os.pipe()
         self.processes: list[SupervisedProcess] = []
@@ -161,14 +163,13 @@ class Supervisor:
 
     def stop_all(self) -> list[int]:
         """SIGTERM to every process, then SIGKILL to those still running after
-        STOP_TIMEOUT_S; returns the exit statuses of those that were running
-        (one waiting for its restart has been reported already)."""
-        running = [
-            s.process for s in self.processes if s.process is not None and s.process.poll() is None
-        ]
+        the stop timeout; returns their exit statuses (one that had crashed
+        and waited for its restart keeps the status it crashed with)."""
+        running = [s.process for s in self.processes if s.process is not None]
         for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout_s
         for process in running:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))

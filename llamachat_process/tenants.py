@@ -5,10 +5,11 @@ Three sources, all optional:
 - ``API_KEY``: one key, for the tenant ``default``;
 - ``API_KEY_FILE``: a file holding that one key (so that no key needs to be on
   a command line or in the environment of every process);
-- ``API_KEYS_FILE``: one ``TENANT KEY`` pair a line; ``#`` starts a comment,
-  blank lines are skipped, and a key written ``sha256:HEX`` is the SHA-256 of
-  the key, so that the file need not hold keys in clear. One tenant may have
-  several keys (to rotate them).
+- ``API_KEYS_FILE``: one ``TENANT KEY`` pair a line; ``#`` at the start of a
+  line or after a blank starts a comment (a ``#`` inside a key is part of
+  it), blank lines are skipped, a key may appear once, and a key written
+  ``sha256:HEX`` is the SHA-256 of the key, so that the file need not hold
+  keys in clear. One tenant may have several keys (to rotate them).
 
 Without any key, every caller is the tenant ``default``: the service behaves
 as the API documentation describes, with no key and one set of sessions.
@@ -29,6 +30,7 @@ from pydantic_settings import BaseSettings
 DEFAULT_TENANT = "default"
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SHA256_PREFIX = "sha256:"
+COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 class KeyFileError(ValueError):
@@ -71,9 +73,9 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def parse_keys_file(text: str, source: str = "API_KEYS_FILE") -> list[tuple[str, bytes]]:
     """The ``TENANT KEY`` lines of a keys file."""
-    entries = []
+    entries: list[tuple[str, bytes]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        line = COMMENT.sub("", raw).strip()
         if not line:
             continue
         parts = line.split()
@@ -84,7 +86,10 @@ def parse_keys_file(text: str, source: str = "API_KEYS_FILE") -> list[tuple[str,
             raise KeyFileError(
                 f"{source} line {number}: a tenant is 1 to 64 letters, digits, '.', '_' or '-'"
             )
-        entries.append((tenant, _digest(key, f"{source} line {number}")))
+        digest = _digest(key, f"{source} line {number}")
+        if any(digest == known for _, known in entries):
+            raise KeyFileError(f"{source} line {number}: this key is listed already")
+        entries.append((tenant, digest))
     return entries
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from llamachat_process.cli import program_name
+from llamachat_process.cli import program_name, settings_or_exit
 from llamachat_process.logs import configure_logging
 from llamachat_process.parent import watch_parent
 from llamachat_process.tenants import KeyFileError
@@ -38,9 +38,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = GatewaySettings(
-        _cli_parse_args=sys.argv[1:] if argv is None else argv,
-        _cli_prog_name=program_name("rest_gateway"),
+    settings = settings_or_exit(
+        lambda: GatewaySettings(
+            _cli_parse_args=sys.argv[1:] if argv is None else argv,
+            _cli_prog_name=program_name("rest_gateway"),
+        )
     )
     configure_logging(settings.log_level, settings.log_format)
     watch_parent(settings.shutdown_grace_s + PARENT_GONE_EXTRA_S)

@@ -72,8 +72,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE:  # waiting for the next request
             self._expect(h11.IDLE, self.header_timeout_s)
+        else:  # a pipelined request already under way
+            self._settle_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:

@@ -27,8 +27,9 @@ import signal
 import sys
 from pathlib import Path
 
+from llamachat_process.cli import settings_or_exit
 from llamachat_process.logs import configure_logging
-from llamachat_process.supervisor import RestartPolicy, Supervisor
+from llamachat_process.supervisor import STOP_MARGIN_S, RestartPolicy, Supervisor
 
 from .settings import GatewaySettings
 
@@ -73,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    gateway = GatewaySettings()
+    gateway = settings_or_exit(GatewaySettings)
     configure_logging(gateway.log_level, gateway.log_format)
     stopping = False
 
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     model = [args.model_path] if args.model_path else []
     env = child_env()
-    supervisor = Supervisor(RestartPolicy())
+    # Both processes read SHUTDOWN_GRACE_S: they get that long to drain, and more to exit.
+    policy = settings_or_exit(RestartPolicy)
+    supervisor = Supervisor(policy, gateway.shutdown_grace_s + STOP_MARGIN_S)
     try:
         supervisor.add("core", [sys.executable, "-m", "inference_server", *model], env)
         supervisor.add("gateway", [sys.executable, "-m", "rest_gateway"], env)

@@ -109,12 +109,13 @@ def test_api_service_starts_both_and_stops_both_on_ctrl_c(tmp_path):
         assert probe.returncode != 0, f"port {port} still open"
 
 
-def run_core(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m inference_server ARGS`` to its end, its session store in ``tmp_path``."""
+def run_core(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``python -m inference_server ARGS`` to its end, its session store in
+    ``tmp_path``, with ``settings`` as environment variables."""
     return subprocess.run(
         [sys.executable, "-m", "inference_server", *args],
         cwd=ROOT,
-        env=service_env(free_port(), free_port(), tmp_path),
+        env={**service_env(free_port(), free_port(), tmp_path), **settings},
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,3 +134,10 @@ def test_a_corrupt_session_store_stops_the_core_with_one_line_and_status_2(tmp_p
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "sessions.db: file is not a database" in errors[0], done.stderr
+
+
+def test_settings_the_core_refuses_stop_it_with_one_line_and_status_2(tmp_path):
+    done = run_core(tmp_path, N_SLOTS="8", N_BATCH="4", CPU_REPACK="sometimes")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "invalid settings" in line and "cpu_repack" in line

@@ -13,7 +13,7 @@ from inference_server.domain import FinishReason, Sampling
 from inference_server.errors import EngineFailed, EngineNotReady, NoRoomInKvCache
 from inference_server.scheduler import BatchScheduler, Generation, Job
 from tests.helpers import settle
-from tests.runtime_double import ScriptedRuntime
+from tests.runtime_double import ScriptedRuntime, ScriptedSampler
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=20, seed=None)
 TIMEOUT_S = 10
@@ -108,9 +108,22 @@ def test_an_unexpected_error_fails_every_job_and_stops_the_scheduler(run):
             job.result(timeout=TIMEOUT_S)
     assert [type(f) for f in started.failures] == [EngineFailed]
     assert isinstance(started.scheduler.failure, ValueError)
-    assert runtime.closed
+    # Left open: the engine frees it once no other thread tokenizes with it.
+    assert not runtime.closed
     with pytest.raises(EngineNotReady):
         started.submit([5])
+
+
+def test_a_job_whose_admission_fails_is_told_too(run):
+    runtime = ScriptedRuntime(n_sequences=1)
+
+    def broken_sampler(sampling: Sampling) -> ScriptedSampler:
+        raise ValueError("no sampler today")
+
+    runtime.sampler = broken_sampler  # type: ignore[method-assign]
+    started = run(runtime)
+    with pytest.raises(EngineFailed, match="no sampler today"):
+        started.submit([1, 2]).result(timeout=TIMEOUT_S)
 
 
 def test_a_cancelled_job_ends_as_cancelled_and_frees_its_sampler(run):

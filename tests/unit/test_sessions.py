@@ -291,3 +291,20 @@ def test_a_store_of_the_first_schema_is_migrated_to_the_default_tenant(tmp_path:
     store.close()
     reopened = SqliteSessionStore(path, Retention(5, 10, 0))
     assert reopened.history(T, "a") == [turn(0), turn(1), turn(2)]
+
+
+def test_a_cursor_that_is_not_ours_is_a_clear_error(make_store: StoreFactory):
+    store = make_store()
+    for cursor in ("²", "-1", "1" * 40, "abc"):
+        with pytest.raises(InvalidRequest, match="cursor"):
+            store.list_sessions(T, 10, cursor)
+
+
+def test_cursors_count_per_tenant_and_tell_nothing_of_others(make_store: StoreFactory):
+    store = make_store()
+    store.append("acme", "a1", turn(0))
+    store.append("acme", "a2", turn(0))
+    first = store.list_sessions("acme", 1)
+    for n in range(50):
+        store.append("globex", f"g{n}", turn(n))  # another tenant's traffic
+    assert store.list_sessions("acme", 1).next_cursor == first.next_cursor == "1"

@@ -23,7 +23,7 @@ def test_exits_are_described_by_signal_or_status():
 
 
 def test_a_process_that_crashes_at_every_start_is_given_up_on():
-    supervisor = Supervisor(FAST)
+    supervisor = Supervisor(FAST, stop_timeout_s=10)
     try:
         supervisor.add("core", [sys.executable, "-c", "import os; os.abort()"], {})
         reason = supervisor.run(lambda: False)
@@ -34,7 +34,7 @@ def test_a_process_that_crashes_at_every_start_is_given_up_on():
 
 
 def test_status_2_means_bad_settings_and_is_not_retried():
-    supervisor = Supervisor(FAST)
+    supervisor = Supervisor(FAST, stop_timeout_s=10)
     try:
         supervisor.add("core", [sys.executable, "-c", "raise SystemExit(2)"], {})
         reason = supervisor.run(lambda: False)
@@ -45,7 +45,7 @@ def test_status_2_means_bad_settings_and_is_not_retried():
 
 
 def test_a_crashed_process_is_restarted_and_told_how_often():
-    supervisor = Supervisor(FAST)
+    supervisor = Supervisor(FAST, stop_timeout_s=10)
     # Exits 1 on its first start, then runs (the restart count comes in its environment).
     script = (
         "import os, sys, time\n"

@@ -80,11 +80,17 @@ def test_the_keys_file_names_tenants_and_keeps_digests(keys_file: Path):
         ("acme key extra", "expected 'TENANT KEY'"),
         ("a/b key", "a tenant is 1 to 64"),
         ("acme sha256:abc", "sha256: must be followed by 64 hexadecimal digits"),
+        (f"globex {GLOBEX_KEY}", "this key is listed already"),
     ],
 )
 def test_a_malformed_keys_file_says_which_line(line: str, problem: str):
     with pytest.raises(KeyFileError, match=f"line 2: {problem}"):
-        parse_keys_file(f"# header\n{line}\n")
+        parse_keys_file(f"other {GLOBEX_KEY}\n{line}\n")
+
+
+def test_a_hash_sign_inside_a_key_is_part_of_it():
+    (entry,) = parse_keys_file("acme k#Xy9 # a comment\n")
+    assert entry == ("acme", hashlib.sha256(b"k#Xy9").digest())
 
 
 def test_api_key_file_holds_one_key_of_the_default_tenant(tmp_path: Path):
