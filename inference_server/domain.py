@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from llamachat_process.tenants import DEFAULT_TENANT
 
@@ -17,6 +18,8 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"
+    """The reply is tool calls (``ChatResult.tool_calls``)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,22 @@ class SamplingParams:
     top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs; -100 bans a token."""
+    json_schema: str | None = None
+    """The reply must be JSON matching this JSON Schema (JSON text)."""
+    grammar: str | None = None
+    """The reply must match this GBNF grammar."""
+    json_object: bool = False
+    """The reply must be a JSON object."""
+    logprobs: int | None = None
+    """Report each generated token's log probability and this many most
+    likely alternatives (0 to 20); ``None``: none."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,20 @@ class Sampling:
     top_p: float
     max_tokens: int
     seed: int | None
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
+    """GBNF the reply must match (from a JSON Schema, a JSON object or a grammar)."""
+    logprobs: int | None = None
+    """As ``SamplingParams.logprobs``."""
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repeat_penalty, self.frequency_penalty, self.presence_penalty) != (1, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -56,14 +89,45 @@ class Role(enum.Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool: its id, the tool's name, its arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool the model may call, with the JSON Schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Whether the model may (``auto``), must (``required``, ``function``: the
+    tool ``name``) or must not (``none``) call tools."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None
 
 
 @dataclass(frozen=True)
 class Message:
-    """One message of a conversation given in full."""
+    """One message of a conversation given in full: an assistant's may carry
+    the tool calls it made, a tool's the id of the call it answers."""
 
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +140,13 @@ class CompletionRequest:
     """The reply ends before the first of these appears in it."""
     tenant: str = DEFAULT_TENANT
     """Whose request it is: a cached prompt is shared within a tenant only."""
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+    prompt: str | None = None
+    """A raw prompt to continue, instead of ``messages`` (no chat template)."""
+    suffix: str | None = None
+    """With ``prompt``: the text after the completion (fill-in-the-middle)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +169,26 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """A token that was likely at a position, and its log probability."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log probability under the model (before any
+    sampler changed the distribution), and the most likely tokens there."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChatResult:
     """The end of a reply: the whole text, why it ended, and token counts.
     ``session_id`` is ``None`` for a ``CompletionRequest``, which keeps none."""
@@ -109,6 +200,10 @@ class ChatResult:
     completion_tokens: int
     cached_prompt_tokens: int = 0
     """Prompt tokens reused from the KV cache rather than evaluated again."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Per generated token, when the request asked for them."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The tools the model called (``finish_reason`` is ``TOOL_CALLS``)."""
 
 
 ChatEvent = TextDelta | ChatResult

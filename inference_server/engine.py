@@ -16,6 +16,7 @@ from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import ParamSpec, TypeVar, cast
 
+from .constraints import constrained, schema_grammar
 from .domain import (
     DEFAULT_TENANT,
     ChatEvent,
@@ -47,6 +48,7 @@ from .scheduler import BatchScheduler, Generation, Job
 from .session_turns import SessionTurns
 from .sessions import SessionPage, SessionStore
 from .settings import ServerSettings
+from .tool_calls import tool_plan, with_tool_calls
 from .validation import resolve_completion_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -234,11 +236,9 @@ class LlamaEngine:
             else:
                 self._store_writable()
 
-    async def _tokenize(
-        self, call: Callable[P, list[int]], *args: P.args, **kwargs: P.kwargs
-    ) -> list[int]:
-        """Run a tokenization on a worker thread; ``aclose`` frees the model
-        only once none runs."""
+    async def _with_model(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run something that reads the model (tokenizing, checking a grammar)
+        on a worker thread; ``aclose`` frees the model only once none runs."""
         self._tokenizing += 1
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
@@ -286,11 +286,17 @@ class LlamaEngine:
         return messages
 
     @staticmethod
-    def _tokenize_conversation(runtime: LlamaRuntime, messages: tuple[Message, ...]) -> list[int]:
-        """A whole conversation's prompt; it must leave room for one token."""
-        prompt = runtime.tokenize_chat(
-            [{"role": message.role.value, "content": message.content} for message in messages]
-        )
+    def _tokenize_conversation(
+        runtime: LlamaRuntime, messages: tuple[Message, ...], request: CompletionRequest
+    ) -> list[int]:
+        """A whole conversation's prompt, or a raw prompt's (with a suffix, in
+        the model's fill-in-the-middle form); it must leave room for one token."""
+        if request.prompt is not None:
+            prompt = runtime.tokenize_raw(request.prompt, request.suffix)
+        else:
+            prompt = runtime.tokenize_chat(
+                [{"role": message.role.value, "content": message.content} for message in messages]
+            )
         if len(prompt) >= runtime.n_ctx:
             raise ContextOverflow(len(prompt), runtime.n_ctx)
         return prompt
@@ -343,7 +349,8 @@ class LlamaEngine:
         self._cleared_while_generating[session] = False
         try:
             history = await self._in_store(self._store.history, *session) or []
-            prompt = await self._tokenize(self._fit_prompt, runtime, history, request.message)
+            prompt = await self._with_model(self._fit_prompt, runtime, history, request.message)
+            sampling = await self._with_model(constrained, sampling, request.sampling, runtime)
             generation = self._generate(prompt, sampling, session, session[0], arrived)
             async with aclosing(generation) as events:
                 async for event in events:
@@ -361,14 +368,31 @@ class LlamaEngine:
         arrived = time.monotonic()
         runtime = self._require_runtime()
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
+        messages, reply_schema = tool_plan(
+            request.messages, request.tools, request.tool_choice, request.parallel_tool_calls
+        )
+        # With tools, the reply is JSON in the tools' format: told at its end.
+        tool_grammar = schema_grammar(reply_schema, "tools") if reply_schema else None
         async with self._admitted():
-            prompt = await self._tokenize(self._tokenize_conversation, runtime, request.messages)
+            prompt = await self._with_model(self._tokenize_conversation, runtime, messages, request)
+            sampling = await self._with_model(
+                constrained, sampling, request.sampling, runtime, tool_grammar
+            )
             generation = self._generate(
                 prompt, sampling, None, request.tenant, arrived, request.stop
             )
             async with aclosing(generation) as events:
                 async for event in events:
-                    yield event if isinstance(event, TextDelta) else _result(None, prompt, event)
+                    if isinstance(event, TextDelta):
+                        if tool_grammar is None:
+                            yield event
+                        continue
+                    result = _result(None, prompt, event)
+                    if tool_grammar is not None:
+                        result = with_tool_calls(result)
+                        if result.text:
+                            yield TextDelta(result.text)
+                    yield result
 
     async def complete(self, request: CompletionRequest) -> ChatResult:
         return await collect(self.complete_stream(request))
@@ -531,4 +555,5 @@ def _result(session_id: str | None, prompt: list[int], generation: Generation) -
         prompt_tokens=len(prompt),
         completion_tokens=generation.completion_tokens,
         cached_prompt_tokens=generation.cached_tokens,
+        logprobs=generation.logprobs,
     )

@@ -7,16 +7,28 @@ class EngineError(Exception):
 
 
 class InvalidRequest(EngineError):
-    """The request itself is wrong: a blank message, a value out of range."""
+    """The request itself is wrong: a blank message, a value out of range.
+    ``param`` names the field at fault where one is (OpenAI's ``param``)."""
+
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextOverflow(InvalidRequest):
-    """The new message alone does not fit in the context window."""
+    """The new message alone does not fit in the context window. Its wording
+    has OpenAI's "maximum context length", which clients look for."""
+
+    code = "context_length_exceeded"
 
     def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
         super().__init__(
-            f"Message is too long for the context: the prompt needs {prompt_tokens} "
-            f"tokens and the context holds {n_ctx}, including the reply"
+            f"Message is too long for the context: this model's maximum context length is "
+            f"{n_ctx} tokens, and the prompt needs {prompt_tokens} tokens, with at least one "
+            "more for the reply. Please reduce the length of the messages.",
+            param="messages",
         )
         self.prompt_tokens = prompt_tokens
         self.n_ctx = n_ctx

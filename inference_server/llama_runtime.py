@@ -21,13 +21,15 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage
 
-from .domain import Sampling
+from .domain import Sampling, TokenLogprob, TopLogprob
+from .errors import InvalidRequest
 from .runtime import BatchEntry, DecodeFailed, NoKvSlot, TokenSampler
 
 __all__ = ["BatchEntry", "LlamaRuntime", "Sampler", "llama_system_info"]
@@ -53,9 +55,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Samplers besides temperature and top_p keep llama.cpp's own defaults.
-TOP_K = 40
-MIN_P = 0.05
+# The tokens that repeat_penalty, frequency_penalty and presence_penalty look
+# back on (llama.cpp's default).
+PENALTY_LAST_N = 64
 # Below this temperature, dividing the logits by it overflows to noise; such a
 # request samples greedily, as vLLM does (its _SAMPLING_EPS).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -139,21 +141,51 @@ def read_sized(fill: Callable[[ctypes.Array[ctypes.c_char], int], int], size: in
 
 
 class Sampler:
-    """A per-request llama.cpp sampler chain (temperature, top_p, seed, ...)."""
+    """A per-request llama.cpp sampler chain, in llama.cpp's own order: logit
+    biases, penalties, the grammar (which masks every token it does not
+    allow), then greedy, or top_k, top_p, min_p, temperature and the draw.
 
-    def __init__(self, sampling: Sampling) -> None:
+    ``vocab`` is needed for biases and grammars; a grammar must have been
+    checked with ``LlamaRuntime.check_grammar`` (here it raises ``ValueError``).
+    """
+
+    def __init__(self, sampling: Sampling, vocab: Any = None) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab) if vocab is not None else 0
+        if sampling.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for entry, (token, bias) in zip(biases, sampling.logit_bias, strict=True):
+                entry.token, entry.bias = token, bias
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        if sampling.penalized:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab,
+                    PENALTY_LAST_N,
+                    sampling.repeat_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
+        if sampling.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, sampling.grammar.encode(), b"root"
+            )
+            if not grammar:
+                self.close()
+                raise ValueError("the grammar does not compile")
+            add(grammar)
         if sampling.temperature < GREEDY_BELOW_TEMPERATURE:
             add(llama_cpp.llama_sampler_init_greedy())
             return
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
-        # llama.cpp's own order: top_k, top_p, min_p, temperature, then the draw.
-        add(llama_cpp.llama_sampler_init_top_k(TOP_K))
+        if sampling.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
         add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-        add(llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+        add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         add(llama_cpp.llama_sampler_init_dist(seed))
 
@@ -304,6 +336,25 @@ class LlamaRuntime:
                 tokens += self.tokenize(piece, add_bos=first, special=True)
         return tokens
 
+    def tokenize_raw(self, prompt: str, suffix: str | None = None) -> list[int]:
+        """A raw prompt as llama.cpp's server reads one (BOS added, control
+        tokens parsed); with ``suffix``, in the model's fill-in-the-middle
+        form (``InvalidRequest`` for a model without those tokens)."""
+        if suffix is None:
+            return self.tokenize(prompt, add_bos=True, special=True)
+        fim = [
+            llama_cpp.llama_vocab_fim_pre(self._vocab),
+            llama_cpp.llama_vocab_fim_suf(self._vocab),
+            llama_cpp.llama_vocab_fim_mid(self._vocab),
+        ]
+        if -1 in fim:
+            raise InvalidRequest(
+                "suffix: this model has no fill-in-the-middle tokens", param="suffix"
+            )
+        before = self.tokenize(prompt, add_bos=False, special=False)
+        after = self.tokenize(suffix, add_bos=False, special=False)
+        return [fim[0], *before, fim[1], *after, fim[2]]
+
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for, whole (control tokens: none)."""
         return read_sized(
@@ -335,12 +386,45 @@ class LlamaRuntime:
             raise DecodeFailed(f"llama_decode failed with status {status}")
 
     def sampler(self, sampling: Sampling) -> Sampler:
-        return Sampler(sampling)
+        return Sampler(sampling, self._vocab)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """Why a GBNF grammar does not compile, or ``None`` when it does (any thread)."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return "it does not parse as GBNF with a root rule (see llama.cpp's grammars/README)"
+        llama_cpp.llama_sampler_free(sampler)
+        return None
 
     def sample(self, sampler: TokenSampler, batch_index: int) -> int:
         """Draw (and accept) the next token from the logits of a batch entry."""
         chain = cast(Sampler, sampler)._chain
         return llama_cpp.llama_sampler_sample(chain, self._ctx, batch_index)
+
+    def logprobs(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """Log-softmax of the raw logits of a batch entry (scheduler thread)."""
+        n_vocab = self.n_vocab
+        row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        logits = np.ctypeslib.as_array(row, shape=(n_vocab,)).astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+
+        def named(index: int) -> TopLogprob:
+            raw = self.piece(index)
+            return TopLogprob(raw.decode("utf-8", "replace"), raw, float(logprobs[index]))
+
+        best: list[int] = []
+        if top > 0:
+            candidates = np.argpartition(-logprobs, top - 1)[:top]
+            best = sorted(candidates.tolist(), key=lambda index: -logprobs[index])
+        chosen = named(token)
+        return TokenLogprob(
+            chosen.token, chosen.token_bytes, chosen.logprob, tuple(named(index) for index in best)
+        )
 
     def forget(self, sequence: int, from_position: int = 0) -> bool:
         """Drop a sequence's KV cells from ``from_position`` on; ``False`` (and

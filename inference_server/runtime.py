@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .domain import Sampling
+from .domain import Sampling, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class Runtime(Protocol):
     def sample(self, sampler: TokenSampler, batch_index: int) -> int:
         """Draw (and accept) the next token from the logits of a batch entry of
         the last ``decode``."""
+        ...
+
+    def logprobs(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s log probability at a batch entry of the last ``decode``,
+        with the ``top`` most likely tokens there."""
         ...
 
     def piece(self, token: int) -> bytes:

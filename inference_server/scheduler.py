@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .domain import DEFAULT_TENANT, FinishReason, Sampling, SessionKey
+from .domain import DEFAULT_TENANT, FinishReason, Sampling, SessionKey, TokenLogprob
 from .errors import EngineFailed, EngineNotReady, NoRoomInKvCache
 from .runtime import BatchEntry, DecodeFailed, NoKvSlot, Runtime, TokenSampler
 from .slots import Slot, SlotTable
@@ -60,6 +60,8 @@ class Generation:
     """Time from ``submit`` until a slot was free (until the end if it never was)."""
     admitted: bool = True
     """Whether it had a slot (its prompt was looked up and evaluated)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Per generated token, when the job's sampling asked for them."""
 
 
 @dataclass(eq=False)
@@ -111,6 +113,7 @@ class _Running:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
     stops: StopSequences | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def emit(self, token_bytes: bytes) -> None:
         """Hand on the text a token completes, but what may begin a stop sequence."""
@@ -412,6 +415,8 @@ class BatchScheduler:
             if runtime.is_end_of_generation(token):
                 self._finish(running, item, FinishReason.STOP)
                 continue
+            if item.job.sampling.logprobs is not None:
+                item.logprobs.append(runtime.logprobs(index, token, item.job.sampling.logprobs))
             item.generated += 1
             item.emit(runtime.piece(token))
             item.next_token = token
@@ -429,7 +434,12 @@ class BatchScheduler:
         self._release(running, item)
         item.end()
         generation = Generation(
-            "".join(item.pieces), reason, item.generated, item.cached_tokens, item.queue_time_s
+            "".join(item.pieces),
+            reason,
+            item.generated,
+            item.cached_tokens,
+            item.queue_time_s,
+            logprobs=tuple(item.logprobs),
         )
         _notify(item.job.on_done, generation)
 

@@ -6,10 +6,11 @@ Engine errors become gRPC status codes here, in ``status_for``, and nowhere else
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 
@@ -48,12 +49,22 @@ ROLES = {
     chat_pb2.ROLE_SYSTEM: domain.Role.SYSTEM,
     chat_pb2.ROLE_USER: domain.Role.USER,
     chat_pb2.ROLE_ASSISTANT: domain.Role.ASSISTANT,
+    chat_pb2.ROLE_TOOL: domain.Role.TOOL,
+}
+
+TOOL_CHOICES: dict[int, Literal["auto", "none", "required", "function"]] = {
+    chat_pb2.TOOL_CHOICE_UNSPECIFIED: "auto",
+    chat_pb2.TOOL_CHOICE_AUTO: "auto",
+    chat_pb2.TOOL_CHOICE_NONE: "none",
+    chat_pb2.TOOL_CHOICE_REQUIRED: "required",
+    chat_pb2.TOOL_CHOICE_FUNCTION: "function",
 }
 
 FINISH_REASONS = {
     domain.FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
     domain.FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
     domain.FinishReason.CANCELLED: chat_pb2.FINISH_REASON_CANCELLED,
+    domain.FinishReason.TOOL_CALLS: chat_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -69,6 +80,19 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
+# Trailing metadata of an INVALID_ARGUMENT: the field at fault and a code that
+# clients act on (OpenAI's param and code: "context_length_exceeded").
+PARAM_KEY = "error-param"
+CODE_KEY = "error-code"
+
+
+def error_metadata(error: Exception) -> tuple[tuple[str, str], ...]:
+    if not isinstance(error, InvalidRequest):
+        return ()
+    found = ((PARAM_KEY, error.param), (CODE_KEY, error.code))
+    return tuple((key, value) for key, value in found if value)
+
+
 def maps_errors(method: Handler) -> Handler:
     """Abort the call with ``status_for`` when a handler raises."""
 
@@ -77,6 +101,8 @@ def maps_errors(method: Handler) -> Handler:
         try:
             return await method(self, request, context)
         except Exception as error:  # every error is mapped to a status, none is lost
+            if metadata := error_metadata(error):
+                context.set_trailing_metadata(metadata)
             await context.abort(*status_for(error))
 
     return wrapper  # type: ignore[return-value]
@@ -98,14 +124,25 @@ def to_domain(
 def sampling_of(request: Any) -> domain.SamplingParams:
     """The sampling fields every request type shares; unset ones stay ``None``."""
 
-    def optional(field: str) -> Any:
-        return getattr(request, field) if request.HasField(field) else None
+    def optional(message: Any, field: str) -> Any:
+        return getattr(message, field) if message.HasField(field) else None
 
+    options = request.options
     return domain.SamplingParams(
-        temperature=optional("temperature"),
-        top_p=optional("top_p"),
-        max_tokens=optional("max_tokens"),
-        seed=optional("seed"),
+        temperature=optional(request, "temperature"),
+        top_p=optional(request, "top_p"),
+        max_tokens=optional(request, "max_tokens"),
+        seed=optional(request, "seed"),
+        top_k=optional(options, "top_k"),
+        min_p=optional(options, "min_p"),
+        repeat_penalty=optional(options, "repeat_penalty"),
+        frequency_penalty=optional(options, "frequency_penalty"),
+        presence_penalty=optional(options, "presence_penalty"),
+        logit_bias=tuple(sorted(options.logit_bias.items())),
+        json_schema=options.json_schema or None,
+        json_object=options.json_object,
+        grammar=options.grammar or None,
+        logprobs=options.top_logprobs if options.logprobs else None,
     )
 
 
@@ -118,15 +155,73 @@ def completion_of(
         role = ROLES.get(message.role)
         if role is None:
             raise InvalidRequest(
-                f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
+                f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT "
+                "or ROLE_TOOL",
+                param=f"messages[{index}].role",
             )
-        messages.append(domain.Message(role, message.content))
+        calls = tuple(
+            domain.ToolCall(call.id, call.name, json_object(call.arguments_json, "tool_calls"))
+            for call in message.tool_calls
+        )
+        messages.append(domain.Message(role, message.content, calls, message.tool_call_id or None))
+    tools = tuple(
+        domain.ToolSpec(
+            tool.name,
+            tool.description,
+            json.loads(json_object(tool.parameters_json or "{}", "tools")),
+        )
+        for tool in request.tools
+    )
     return domain.CompletionRequest(
         messages=tuple(messages),
         sampling=sampling_of(request),
         stop=tuple(request.stop),
         tenant=tenant,
+        tools=tools,
+        tool_choice=domain.ToolChoice(
+            TOOL_CHOICES[request.tool_choice], request.tool_choice_function or None
+        ),
+        parallel_tool_calls=(
+            request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+        ),
+        prompt=request.prompt or None,
+        suffix=request.suffix or None,
     )
+
+
+def json_object(text: str, param: str) -> str:
+    """``text`` if it is a JSON object, else ``InvalidRequest`` naming ``param``."""
+    try:
+        parsed = json.loads(text)
+    except ValueError as error:
+        raise InvalidRequest(f"{param}: not valid JSON: {error}", param=param) from error
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(f"{param}: a JSON object is needed", param=param)
+    return text
+
+
+def tool_calls_of(result: domain.ChatResult) -> list[chat_pb2.ToolCall]:
+    return [
+        chat_pb2.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
+        for call in result.tool_calls
+    ]
+
+
+def logprobs_of(result: domain.ChatResult) -> list[chat_pb2.TokenLogprob]:
+    return [
+        chat_pb2.TokenLogprob(
+            token=entry.token,
+            token_bytes=entry.token_bytes,
+            logprob=entry.logprob,
+            top_logprobs=[
+                chat_pb2.TopLogprob(
+                    token=top.token, token_bytes=top.token_bytes, logprob=top.logprob
+                )
+                for top in entry.top
+            ],
+        )
+        for entry in result.logprobs
+    ]
 
 
 def usage_of(result: domain.ChatResult) -> chat_pb2.Usage:
@@ -207,6 +302,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             text=result.text,
             finish_reason=FINISH_REASONS[result.finish_reason],
             usage=usage_of(result),
+            logprobs=logprobs_of(result),
+            tool_calls=tool_calls_of(result),
         )
 
     @maps_errors
@@ -217,7 +314,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             context,
             self._engine.complete_stream(completion_of(request, self._tenant(context))),
             lambda result: chat_pb2.CompleteStreamResponse(
-                finish_reason=FINISH_REASONS[result.finish_reason], usage=usage_of(result)
+                finish_reason=FINISH_REASONS[result.finish_reason],
+                usage=usage_of(result),
+                logprobs=logprobs_of(result),
+                tool_calls=tool_calls_of(result),
             ),
             lambda text: chat_pb2.CompleteStreamResponse(text=text),
         )

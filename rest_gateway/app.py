@@ -30,6 +30,7 @@ from .hosts import TrustedHosts, allowed_names
 from .metrics import GatewayMetrics
 from .metrics import router as metrics_router
 from .observe import RequestObserver
+from .openai_completions import router as completions_router
 from .openai_routes import router as openai_router
 from .routes import SERVICE_NAME, VERSION, router
 from .settings import GatewaySettings
@@ -101,6 +102,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(completions_router)
     app.include_router(metrics_router)
     app.include_router(ui_router)
     return app

@@ -111,13 +111,28 @@ def retry_after_of(error: grpc.aio.AioRpcError) -> str:
     return str(RETRY_AFTER_S)
 
 
+# The core names the option it was given; an OpenAI client sent response_format.
+OPENAI_PARAM_OF_OPTION = {"json_schema": "response_format", "json_object": "response_format"}
+
+
+def error_fields(error: grpc.aio.AioRpcError) -> tuple[str | None, str | None]:
+    """The field at fault and the error code the core gave (its trailing
+    ``error-param`` and ``error-code``), for OpenAI's ``param`` and ``code``."""
+    found = {key: str(value) for key, value in error.trailing_metadata() or ()}
+    param = found.get("error-param")
+    return OPENAI_PARAM_OF_OPTION.get(param or "", param), found.get("error-code")
+
+
 async def handle_rpc_error(request: Request, error: Exception) -> JSONResponse:
     """FastAPI exception handler: a failed call to the core (with ``Retry-After``
-    on a 429)."""
+    on a 429, and OpenAI's ``param`` and ``code`` under ``/v1/``)."""
     assert isinstance(error, grpc.aio.AioRpcError)
     status = http_status_for(error.code())
     headers = {"Retry-After": retry_after_of(error)} if status == 429 else None
-    return error_response(request.url.path, status, detail_of(error), headers=headers)
+    param, code = error_fields(error)
+    return error_response(
+        request.url.path, status, detail_of(error), headers=headers, param=param, code=code
+    )
 
 
 def documented_errors(model: type, descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:

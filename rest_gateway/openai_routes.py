@@ -4,8 +4,10 @@ A completion is stateless, as in OpenAI's API: the client sends the whole
 conversation every time, and the core's ``Complete``/``CompleteStream`` keep
 nothing (use ``/chat`` for server-kept sessions). Errors come in OpenAI's
 shape (``errors.error_response``), so OpenAI's SDKs raise their usual
-exceptions. The model must be named as ``GET /v1/models`` lists it, as with
-OpenAI and vLLM (404 ``model_not_found`` otherwise).
+exceptions. Any model name is served by the one model, as llama.cpp's server
+does, so that clients which send their own default name (``gpt-3.5-turbo``)
+work unmodified; with ``STRICT_MODEL_NAMES`` only the model's id and
+``MODEL_ALIASES`` are (404 ``model_not_found`` otherwise, as OpenAI and vLLM).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from . import openai_schemas as oa
 from .disconnect import unless_disconnected
 from .errors import ApiError, detail_of, documented_errors, http_status_for, openai_error
 from .observe import note
+from .openai_requests import FINISH_REASONS, STOPPED_EARLY, completion_fields
 from .routes import CallOptions, ChatStub, to_grpc_message
 from .sse import chain, event_stream, sse_event
 
@@ -40,73 +43,6 @@ ERRORS = documented_errors(
     },
 )
 
-ROLES = {
-    "system": chat_pb2.ROLE_SYSTEM,
-    "developer": chat_pb2.ROLE_SYSTEM,
-    "user": chat_pb2.ROLE_USER,
-    "assistant": chat_pb2.ROLE_ASSISTANT,
-}
-
-FINISH_REASONS = {
-    chat_pb2.FINISH_REASON_STOP: "stop",
-    chat_pb2.FINISH_REASON_LENGTH: "length",
-}
-
-# A generation the core stopped before its end (it is shutting down) is no
-# reply at all: OpenAI's finish reasons have no word for it.
-STOPPED_EARLY = "Generation was stopped before the reply ended (the server is shutting down); retry"
-
-
-def refuse_unsupported(body: oa.ChatCompletionRequest) -> None:
-    """A 400 naming the first parameter that asks for what this server cannot do."""
-    checks: list[tuple[str, bool, str]] = [
-        ("n", body.n not in (None, 1), "only n=1 is supported"),
-        ("tools", bool(body.tools or body.functions), "tools and functions are not supported"),
-        ("tool_choice", body.tool_choice not in (None, "none"), "tools are not supported"),
-        ("logprobs", bool(body.logprobs or body.top_logprobs), "logprobs are not supported"),
-        (
-            "response_format",
-            body.response_format is not None and body.response_format.get("type") != "text",
-            "only the text response format is supported",
-        ),
-        ("presence_penalty", bool(body.presence_penalty), "penalties are not supported"),
-        ("frequency_penalty", bool(body.frequency_penalty), "penalties are not supported"),
-        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
-    ]
-    for param, unsupported, reason in checks:
-        if unsupported:
-            raise ApiError(400, f"{param}: {reason}", param=param, code="unsupported_parameter")
-
-
-def completion_fields(body: oa.ChatCompletionRequest) -> dict[str, Any]:
-    """The fields of a ``CompleteRequest``/``CompleteStreamRequest``."""
-    refuse_unsupported(body)
-    messages = []
-    for index, message in enumerate(body.messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise ApiError(
-                400,
-                f"messages[{index}].role: {message.role!r} is not one of "
-                "system, developer, user, assistant",
-                param=f"messages[{index}].role",
-            )
-        # A dict: the message is built (and its text checked) by to_grpc_message.
-        messages.append({"role": role, "content": message.text()})
-    fields: dict[str, Any] = {
-        "messages": messages,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "max_tokens": (
-            body.max_completion_tokens
-            if body.max_completion_tokens is not None
-            else body.max_tokens
-        ),
-        "seed": body.seed,
-        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
-    }
-    return {name: value for name, value in fields.items() if value is not None}
-
 
 def first_set(*values: int | None) -> int | None:
     return next((value for value in values if value is not None), None)
@@ -116,37 +52,48 @@ async def served_model(stub: chat_pb2_grpc.ChatServiceStub, options: dict[str, A
     return await stub.GetModel(chat_pb2.GetModelRequest(), **options)
 
 
-def model_card(request: Request, model: Any) -> oa.ModelCard:
-    return oa.ModelCard(
-        id=model.id, created=request.app.state.started, context_length=model.context_size
-    )
+def model_cards(request: Request, model: Any) -> list[oa.ModelCard]:
+    """The served model under its id, then under each of ``MODEL_ALIASES``."""
+    aliases = request.app.state.settings.model_aliases
+    return [
+        oa.ModelCard(id=name, created=request.app.state.started, context_length=model.context_size)
+        for name in dict.fromkeys([model.id, *aliases])
+    ]
 
 
 @router.get("/models", response_model=oa.ModelList, responses=ERRORS)
 async def list_models(request: Request, stub: ChatStub, options: CallOptions) -> oa.ModelList:
-    """The model this server serves (one)."""
-    return oa.ModelList(data=[model_card(request, await served_model(stub, options))])
+    """The model this server serves (one), and its aliases."""
+    return oa.ModelList(data=model_cards(request, await served_model(stub, options)))
 
 
 @router.get("/models/{model_id:path}", response_model=oa.ModelCard, responses=ERRORS)
 async def get_model(
     model_id: str, request: Request, stub: ChatStub, options: CallOptions
 ) -> oa.ModelCard:
-    """One model, by id (404 ``model_not_found`` if not served)."""
-    model = await served_model(stub, options)
-    require_model(model_id, model.id)
-    return model_card(request, model)
+    """One model, by id or alias (404 ``model_not_found`` if not listed)."""
+    cards = model_cards(request, await served_model(stub, options))
+    card = next((card for card in cards if card.id == model_id), None)
+    if card is None:
+        raise not_served(model_id, cards[0].id)
+    return card
 
 
-def require_model(requested: str, served: str) -> None:
-    if requested != served:
-        raise ApiError(
-            404,
-            f"The model {requested!r} does not exist: this server serves {served!r} "
-            "(see GET /v1/models)",
-            param="model",
-            code="model_not_found",
-        )
+def require_model(request: Request, requested: str, served: str) -> None:
+    """Any name serves, unless ``STRICT_MODEL_NAMES``: then the id or an alias."""
+    settings = request.app.state.settings
+    if settings.strict_model_names and requested not in (served, *settings.model_aliases):
+        raise not_served(requested, served)
+
+
+def not_served(requested: str, served: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {requested!r} does not exist: this server serves {served!r} "
+        "(see GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
 
 
 @router.post(
@@ -161,7 +108,7 @@ async def chat_completions(
     Server-Sent Events of ``chat.completion.chunk`` objects ending in ``[DONE]``."""
     fields = completion_fields(body)
     model = await served_model(stub, options)
-    require_model(body.model, model.id)
+    require_model(request, body.model, model.id)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
@@ -176,8 +123,9 @@ async def chat_completions(
             model=model.id,
             choices=[
                 oa.Choice(
-                    message=oa.AssistantMessage(content=reply.text),
+                    message=assistant_message(reply),
                     finish_reason=FINISH_REASONS[reply.finish_reason],
+                    logprobs=logprobs_of(reply, body.logprobs),
                 )
             ],
             usage=usage_of(reply.usage),
@@ -202,6 +150,42 @@ async def chat_completions(
     )
 
 
+def tool_call_items(reply: Any) -> list[oa.ToolCallItem]:
+    return [
+        oa.ToolCallItem(
+            id=call.id, function=oa.FunctionCall(name=call.name, arguments=call.arguments_json)
+        )
+        for call in reply.tool_calls
+    ]
+
+
+def assistant_message(reply: Any) -> oa.AssistantMessage:
+    """The reply's text, or (content null, as OpenAI's) the tools it called."""
+    if reply.tool_calls:
+        return oa.AssistantMessage(content=None, tool_calls=tool_call_items(reply))
+    return oa.AssistantMessage(content=reply.text)
+
+
+def logprobs_of(reply: Any, asked: bool | None) -> oa.ChoiceLogprobs | None:
+    """OpenAI's ``logprobs`` of a reply's tokens (``None`` unless asked for)."""
+    if not asked:
+        return None
+    return oa.ChoiceLogprobs(
+        content=[
+            oa.TokenLogprob(
+                token=entry.token,
+                logprob=entry.logprob,
+                bytes=list(entry.token_bytes),
+                top_logprobs=[
+                    oa.TopLogprob(token=top.token, logprob=top.logprob, bytes=list(top.token_bytes))
+                    for top in entry.top_logprobs
+                ],
+            )
+            for entry in reply.logprobs
+        ]
+    )
+
+
 def usage_of(usage: chat_pb2.Usage) -> oa.CompletionUsage:
     return oa.CompletionUsage(
         prompt_tokens=usage.prompt_tokens,
@@ -222,8 +206,19 @@ class ChunkMaker:
             "model": model,
         }
 
-    def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def delta(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: oa.ChoiceLogprobs | None = None,
+    ) -> dict[str, Any]:
+        """A chunk; the finish chunk carries every token's ``logprobs`` when asked."""
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs.model_dump() if logprobs is not None else None,
+            "finish_reason": finish_reason,
+        }
         return {**self.base, "choices": [choice]}
 
     def usage(self, usage: chat_pb2.Usage) -> dict[str, Any]:
@@ -258,11 +253,23 @@ async def relay_chunks(
                 yield sse_event(chunk.delta({"content": message.text}))
                 continue
             on_usage(message.usage)
+            if message.tool_calls:  # each call whole, as OpenAI's first delta of one
+                calls = [
+                    {"index": index, **item.model_dump()}
+                    for index, item in enumerate(tool_call_items(message))
+                ]
+                yield sse_event(chunk.delta({"tool_calls": calls}))
             if message.finish_reason not in FINISH_REASONS:
                 on_error()
                 yield sse_event(openai_error(503, STOPPED_EARLY))
                 break
-            yield sse_event(chunk.delta({}, FINISH_REASONS[message.finish_reason]))
+            yield sse_event(
+                chunk.delta(
+                    {},
+                    FINISH_REASONS[message.finish_reason],
+                    logprobs_of(message, bool(message.logprobs)),
+                )
+            )
             if include_usage:
                 yield sse_event(chunk.usage(message.usage))
             break  # the response ends here, not when the call's status comes

@@ -1,10 +1,11 @@
 """OpenAI's chat completion request and response bodies, as pydantic models.
 
 Only what this server does is accepted: a request asking for something it
-cannot do (several choices, tools, log probabilities, a JSON response format,
-penalties) is refused with a 400 that names the parameter, rather than
-silently answered without it. Fields OpenAI's SDKs send that change nothing
-here (``user``, ``metadata``, zero penalties) are accepted and ignored.
+cannot do (several choices) is refused with a 400 that names the parameter,
+rather than silently answered without it. Fields OpenAI's SDKs send that
+change nothing here (``user``, ``metadata``, ``store``) are accepted and
+ignored. llama.cpp's server's extensions (``top_k``, ``min_p``,
+``repeat_penalty``, ``json_schema``, ``grammar``) are accepted too.
 """
 
 from __future__ import annotations
@@ -21,12 +22,49 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments, a JSON object as text.")
+
+
+class ToolCallItem(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    class Function(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Function
+
+
 class ChatMessage(BaseModel):
-    role: str = Field(description="system, developer (as system), user or assistant.")
+    role: str = Field(description="system, developer (as system), user, assistant or tool.")
     content: str | list[TextPart] | None = Field(
         default=None, description="The text, or a list of text parts."
     )
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = Field(
+        default=None, description="The tools an assistant message called."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="For a tool message: the call it is the result of."
+    )
 
     def text(self) -> str:
         if self.content is None:
@@ -38,6 +76,18 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -55,19 +105,28 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(
         default=None, strict=True, ge=-INT32_MAX - 1, le=INT32_MAX
     )
-    seed: int | None = Field(default=None, strict=True, ge=0, le=UINT32_MAX)
+    seed: int | None = Field(
+        default=None, strict=True, ge=-1, le=UINT32_MAX, description="-1: a random seed."
+    )
     n: int | None = None
     stop: str | list[str] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(default=None, strict=False)
+    frequency_penalty: float | None = Field(default=None, strict=False)
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # llama.cpp's server's extensions.
+    top_k: int | None = Field(default=None, strict=True, ge=0, le=INT32_MAX)
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -96,14 +155,29 @@ class CompletionUsage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallItem] | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -125,3 +199,66 @@ class OpenAIErrorBody(BaseModel):
 
 class OpenAIError(BaseModel):
     error: OpenAIErrorBody
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``: a raw prompt to continue (no chat template)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: str | list[str] = Field(description="The text to continue (a list of one).")
+    suffix: str | None = Field(
+        default=None, description="Text after the completion (fill-in-the-middle models only)."
+    )
+    max_tokens: int | None = Field(
+        default=16,
+        strict=True,
+        ge=-INT32_MAX - 1,
+        le=INT32_MAX,
+        description="Tokens to generate; OpenAI's default for this endpoint is 16.",
+    )
+    temperature: float | None = Field(default=None, strict=True)
+    top_p: float | None = Field(default=None, strict=True)
+    n: int | None = None
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
+    seed: int | None = Field(default=None, strict=True, ge=-1, le=UINT32_MAX)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = Field(default=None, strict=True, ge=0, le=INT32_MAX)
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
+    response_format: ResponseFormat | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int = 0
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: None = None

@@ -67,8 +67,15 @@ HealthStub = Annotated[health_pb2_grpc.HealthStub, Depends(health_stub)]
 
 
 def to_grpc(message_type: type, body: schemas.BaseModel) -> Any:
-    """The gRPC request for a REST body; fields left out stay unset."""
-    return to_grpc_message(message_type, body.model_dump(exclude_none=True))
+    """The gRPC request for a REST body; fields left out stay unset, and the
+    sampling extensions go into its ``options``."""
+    fields = body.model_dump(exclude_none=True, exclude=set(schemas.OPTION_FIELDS))
+    if isinstance(body, schemas.SamplingExtensions):
+        try:
+            fields["options"] = body.options_fields()
+        except ValueError as error:
+            raise ApiError(400, str(error), param="logit_bias") from error
+    return to_grpc_message(message_type, fields)
 
 
 def to_grpc_message(message_type: type, fields: dict[str, Any]) -> Any:

@@ -9,6 +9,9 @@ bounds below are the gRPC wire types' ranges.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 __all__ = ["BaseModel"]
@@ -17,7 +20,64 @@ INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 
 
-class ChatRequest(BaseModel):
+class SamplingExtensions(BaseModel):
+    """Sampling settings and output constraints beyond the documented API
+    (extensions, as llama.cpp's server and Ollama name them); the core's
+    ``SamplingOptions``."""
+
+    top_k: int | None = Field(
+        default=None, strict=True, ge=0, le=INT32_MAX, description="Top-k cut; 0: off (default 40)."
+    )
+    min_p: float | None = Field(default=None, strict=True, description="Min-p, 0-1 (default 0.05).")
+    repeat_penalty: float | None = Field(
+        default=None, strict=True, description="Repetition penalty, above 0 to 10; 1: off."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, strict=True, description="Frequency penalty, -2 to 2 (default 0)."
+    )
+    presence_penalty: float | None = Field(
+        default=None, strict=True, description="Presence penalty, -2 to 2 (default 0)."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id -> bias, -100 to 100 (-100 bans the token)."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="The reply is JSON that matches this JSON Schema."
+    )
+    grammar: str | None = Field(
+        default=None, description="The reply matches this GBNF grammar (llama.cpp's format)."
+    )
+
+    def options_fields(self) -> dict[str, Any]:
+        """The fields of the core's ``SamplingOptions``; ``ApiError``-free
+        except for a ``logit_bias`` key that is no token id (ValueError)."""
+        fields: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in ("top_k", "min_p", "repeat_penalty", "frequency_penalty",
+                         "presence_penalty", "grammar")
+            if getattr(self, name) is not None
+        }  # fmt: skip
+        if self.logit_bias:
+            fields["logit_bias"] = token_biases(self.logit_bias)
+        if self.json_schema is not None:
+            fields["json_schema"] = json.dumps(self.json_schema)
+        return fields
+
+
+OPTION_FIELDS = frozenset(SamplingExtensions.model_fields)
+
+
+def token_biases(biases: dict[str, float]) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys) as ints."""
+    parsed = {}
+    for key, bias in biases.items():
+        if not key.lstrip("-").isdigit() or abs(int(key)) > INT32_MAX:
+            raise ValueError(f"logit_bias: {key!r} is not a token id")
+        parsed[int(key)] = bias
+    return parsed
+
+
+class ChatRequest(SamplingExtensions):
     message: str = Field(description="Your message to the AI.", examples=["Hello, how are you?"])
     session_id: str | None = Field(
         default=None,

@@ -45,6 +45,16 @@ class GatewaySettings(KeySettings):
         description="Origins allowed by CORS, comma-separated; '*' allows every "
         "origin (without credentials).",
     )
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="More names of the served model, comma-separated, that /v1/models lists.",
+    )
+    strict_model_names: bool = Field(
+        default=False,
+        description="Refuse /v1 requests whose model is not the served model's id or an "
+        "alias (404). Default: any name is served by the one model, as llama.cpp's server "
+        "does, so clients that send their own default name work unmodified.",
+    )
     grpc_deadline_s: float = Field(
         default=600.0,
         gt=0,
@@ -101,7 +111,7 @@ class GatewaySettings(KeySettings):
         description="Log lines as text, or as JSON objects (json) for log collectors.",
     )
 
-    @field_validator("cors_origins", "allowed_hosts", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", "model_aliases", mode="before")
     @classmethod
     def split_origins(cls, value: object) -> object:
         if isinstance(value, str):

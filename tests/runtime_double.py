@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from inference_server.domain import Sampling
+from inference_server.domain import Sampling, TokenLogprob, TopLogprob
 from inference_server.runtime import BatchEntry, NoKvSlot, TokenSampler
 
 END = 0
@@ -74,6 +74,11 @@ class ScriptedRuntime:
             raise self.sample_error
         assert isinstance(sampler, ScriptedSampler)  # made by self.sampler
         return sampler.next_token()
+
+    def logprobs(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        text = self.piece(token)
+        alternatives = tuple(TopLogprob(f"<{t}>", b"", -float(t)) for t in range(top))
+        return TokenLogprob(text.decode(), text, -1.0, alternatives)
 
     def piece(self, token: int) -> bytes:
         return self.pieces.get(token, f"<{token}>".encode())

@@ -162,10 +162,15 @@ def assert_openai_error(reply, status: int, kind: str, *words: str, param=None, 
     ("fields", "param", "words"),
     [
         ({"n": 2}, "n", ["n=1"]),
-        ({"tools": [{"type": "function"}]}, "tools", ["tools"]),
-        ({"logprobs": True}, "logprobs", ["logprobs"]),
-        ({"response_format": {"type": "json_object"}}, "response_format", ["text"]),
-        ({"presence_penalty": 0.5}, "presence_penalty", ["penalties"]),
+        ({"functions": [{"name": "f"}]}, "functions", ["send tools"]),
+        ({"top_logprobs": 3}, "top_logprobs", ["needs logprobs: true"]),
+        ({"stream_options": {"include_usage": True}}, "stream_options", ["stream is true"]),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            ["json_schema.schema"],
+        ),
+        ({"logit_bias": {"abc": 5}}, "logit_bias", ["'abc' is not a token id"]),
     ],
 )
 async def test_unsupported_parameters_are_400_naming_them(http, engine, fields, param, words):
@@ -178,16 +183,32 @@ async def test_unsupported_parameters_are_400_naming_them(http, engine, fields, 
     ("fields", "words"),
     [
         ({"temperature": 3}, ["temperature must be between 0 and 2, got 3"]),
+        ({"frequency_penalty": 2.5}, ["frequency_penalty must be between -2 and 2"]),
+        ({"presence_penalty": -3}, ["presence_penalty must be between -2 and 2"]),
+        ({"top_k": 5, "min_p": 1.5}, ["min_p must be between 0 and 1"]),
+        ({"repeat_penalty": 0}, ["repeat_penalty must be above 0"]),
+        ({"logit_bias": {"5": 101}}, ["logit_bias[5] must be between -100 and 100"]),
         ({"max_tokens": 0}, ["max_tokens must be between 1"]),
         ({"messages": []}, ["at least one message"]),
         ({"messages": [{"role": "user", "content": "  "}]}, ["every message is empty"]),
-        ({"messages": [{"role": "tool", "content": "x"}]}, ["messages[0].role", "'tool'"]),
+        ({"messages": [{"role": "robot", "content": "x"}]}, ["messages[0].role", "'robot'"]),
         ({"messages": [{"role": "user", "content": "x" * FAKE_N_CTX}]}, ["context"]),
     ],
 )
 async def test_bad_values_are_400_in_openai_shape(http, fields, words):
     reply = await http.post(COMPLETIONS, json=body(**fields))
     assert_openai_error(reply, 400, "invalid_request_error", *words)
+    if len(fields) == 1 and "messages" not in fields:
+        assert reply.json()["error"]["param"] == next(iter(fields))  # the field at fault
+
+
+async def test_a_context_overflow_has_the_code_clients_act_on(http):
+    long = [{"role": "user", "content": "x" * FAKE_N_CTX}]
+    reply = await http.post(COMPLETIONS, json=body(messages=long))
+    assert_openai_error(
+        reply, 400, "invalid_request_error", "maximum context length", param="messages",
+        code="context_length_exceeded",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -205,14 +226,29 @@ async def test_malformed_bodies_are_400_in_openai_shape(http, content, words):
     assert_openai_error(reply, 400, "invalid_request_error", *words)
 
 
-async def test_an_unknown_model_is_404_model_not_found(http, engine):
-    reply = await http.post(COMPLETIONS, json=body(model="gpt-4o"))
-    assert_openai_error(
-        reply, 404, "not_found_error", "'gpt-4o'", "'fake-model'", param="model",
-        code="model_not_found",
-    )  # fmt: skip
-    assert engine.requests == []
-    assert (await http.get("/v1/models/gpt-4o")).status_code == 404
+async def test_any_model_name_is_served_by_the_one_model(http, engine):
+    reply = await http.post(COMPLETIONS, json=body(model="gpt-3.5-turbo"))
+    assert reply.status_code == 200 and reply.json()["model"] == "fake-model"
+    assert (await http.get("/v1/models/gpt-3.5-turbo")).status_code == 404  # not listed
+
+
+async def test_with_strict_names_an_unknown_model_is_404_and_aliases_are_listed(core, engine):
+    settings = {"strict_model_names": True, "model_aliases": "smol,tiny"}
+    async with gateway_for(grpc_address=f"127.0.0.1:{core.port}", **settings) as http:
+        reply = await http.post(COMPLETIONS, json=body(model="gpt-4o"))
+        assert_openai_error(
+            reply, 404, "not_found_error", "'gpt-4o'", "'fake-model'", param="model",
+            code="model_not_found",
+        )  # fmt: skip
+        assert engine.requests == []
+        listed = [card["id"] for card in (await http.get("/v1/models")).json()["data"]]
+        assert listed == ["fake-model", "smol", "tiny"]
+        assert (await http.post(COMPLETIONS, json=body(model="tiny"))).status_code == 200
+        assert (await http.get("/v1/models/smol")).json()["id"] == "smol"
+        raw = '{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}'
+        headers = {"Content-Type": "application/json"}
+        surrogate = await http.post(COMPLETIONS, content=raw, headers=headers)
+        assert surrogate.status_code == 404 and "does not exist" in surrogate.text
 
 
 async def test_overload_is_429_rate_limit_error_with_retry_after(http, engine):
@@ -280,10 +316,6 @@ async def test_client_leaving_before_the_first_token_cancels_generation(core, en
             ["surrogates not allowed"],
         ),
         ('{"model": "fake-model", "messages": [{"role": "\\ud800", "content": "x"}]}', ["role"]),
-        (
-            '{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}',
-            ["does not exist"],
-        ),
     ],
 )
 async def test_lone_surrogates_are_a_400_or_404_never_a_500(http, engine, raw, words):
@@ -301,3 +333,82 @@ async def test_a_reply_the_core_stopped_early_is_503_not_a_finished_reply(http, 
     assert json.loads(streamed[-2])["error"]["type"] == "service_unavailable"
     finishes = [json.loads(e)["choices"][0]["finish_reason"] for e in streamed[:-2]]
     assert set(finishes) == {None}
+
+
+async def test_sampling_options_and_formats_reach_the_engine(http, engine):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    reply = await http.post(
+        COMPLETIONS,
+        json=body(
+            top_k=5, min_p=0.1, repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=-0.5,
+            logit_bias={"7": -100, "9": 2.5}, seed=-1, logprobs=True, top_logprobs=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        ),
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    sampling = engine.requests[-1].sampling
+    assert (sampling.top_k, sampling.min_p, sampling.repeat_penalty) == (5, 0.1, 1.1)
+    assert (sampling.frequency_penalty, sampling.presence_penalty) == (0.5, -0.5)
+    assert sampling.logit_bias == ((7, -100.0), (9, 2.5)) and sampling.seed is None
+    assert json.loads(sampling.json_schema) == schema and sampling.logprobs == 2
+
+
+async def test_tools_and_tool_messages_reach_the_engine(http, engine):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    conversation = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]  # fmt: skip
+    named = {"type": "function", "function": {"name": "f"}}
+    reply = await http.post(
+        COMPLETIONS,
+        json=body(
+            messages=conversation, tools=[tool], tool_choice=named, parallel_tool_calls=False
+        ),
+    )
+    assert reply.status_code == 200, reply.text
+    request = engine.requests[-1]
+    assert [(t.name, t.parameters) for t in request.tools] == [("f", {"type": "object"})]
+    assert (request.tool_choice.mode, request.tool_choice.name) == ("function", "f")
+    assert request.parallel_tool_calls is False
+    assert request.messages[1].tool_calls[0].id == "call_1"
+    assert (request.messages[2].role, request.messages[2].tool_call_id) == (Role.TOOL, "call_1")
+
+
+async def test_a_tool_call_with_arguments_that_are_not_json_is_400(http, engine):
+    conversation = [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}},
+        ]},
+        {"role": "user", "content": "go"},
+    ]  # fmt: skip
+    reply = await http.post(COMPLETIONS, json=body(messages=conversation))
+    assert_openai_error(reply, 400, "invalid_request_error", "not valid JSON", param="tool_calls")
+
+
+async def test_chat_takes_the_sampling_extensions_too(http, engine):
+    schema = {"type": "object"}
+    reply = await http.post(
+        "/chat",
+        json={"message": "hi", "top_k": 3, "logit_bias": {"11": -100}, "json_schema": schema},
+    )
+    assert reply.status_code == 200, reply.text
+    sampling = engine.requests[-1].sampling
+    assert sampling.top_k == 3 and sampling.logit_bias == ((11, -100.0),)
+    assert json.loads(sampling.json_schema) == schema
+    bad = await http.post("/chat", json={"message": "hi", "logit_bias": {"x": 1}})
+    assert bad.status_code == 400 and "not a token id" in bad.json()["detail"]
+
+
+async def test_text_completions_take_a_raw_prompt(http, engine):
+    reply = await http.post(
+        "/v1/completions", json={"model": "any", "prompt": "Once upon", "max_tokens": 3}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["object"] == "text_completion"
+    request = engine.requests[-1]
+    assert request.prompt == "Once upon" and request.messages == ()
+    assert request.sampling.max_tokens == 3
