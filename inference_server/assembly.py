@@ -34,7 +34,11 @@ def load_runtime(
         n_threads=settings.n_threads,
         n_batch=settings.n_batch,
         extra_buffer_types=repack,
+        chat_template=(
+            settings.chat_template_file.read_text() if settings.chat_template_file else None
+        ),
     )
+    log.info("chat template's tool format: %s", runtime.tool_format)
     log.info("model buffers: %s", ", ".join(runtime.model_buffers) or "none reported")
     return runtime
 

@@ -19,11 +19,72 @@ LOOSE_CHAR_RULE = 'char ::= [^"\\\\]'
 STRICT_CHAR_RULE = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
 
 
+# llama.cpp parses grammars recursively: a deep one overflows the stack of
+# the thread that compiles it, and the converter writes a length bound N as N
+# nested groups. So bounds, size and depth are capped.
+MAX_LENGTH_BOUND = 1000
+MAX_GRAMMAR_CHARS = 200_000
+MAX_GRAMMAR_DEPTH = 1500
+LENGTH_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties")
+
+
+def check_bounds(schema: Any, param: str) -> None:
+    """``InvalidRequest`` for a length bound past ``MAX_LENGTH_BOUND``."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for keyword in LENGTH_KEYWORDS:
+                bound = node.get(keyword)
+                if isinstance(bound, int | float) and bound > MAX_LENGTH_BOUND:
+                    raise InvalidRequest(
+                        f"{param}: {keyword} may be at most {MAX_LENGTH_BOUND}, got {bound}",
+                        param=param,
+                    )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def check_grammar_shape(grammar: str, param: str) -> None:
+    """``InvalidRequest`` for a grammar too long or nested too deep to compile safely."""
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(
+            f"{param}: the grammar may be at most {MAX_GRAMMAR_CHARS} characters", param=param
+        )
+    depth = deepest = 0
+    quote: str | None = None
+    escaped = False
+    for char in grammar:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quote is not None:
+            if char == quote:
+                quote = None
+        elif char == '"':
+            quote = '"'
+        elif char == "[":
+            quote = "]"
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    if deepest > MAX_GRAMMAR_DEPTH:
+        raise InvalidRequest(
+            f"{param}: the grammar nests groups {deepest} deep, at most {MAX_GRAMMAR_DEPTH}",
+            param=param,
+        )
+
+
 def schema_grammar(schema: Any, param: str) -> str:
     """The GBNF of a JSON Schema (a parsed one); ``InvalidRequest`` naming
     ``param`` when it is no schema the converter knows."""
     if not isinstance(schema, dict):
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    check_bounds(schema, param)
     try:
         grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as error:  # the converter raises whatever its input trips
@@ -38,7 +99,7 @@ def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
     if params.json_schema is not None:
         try:
             schema = json.loads(params.json_schema)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise InvalidRequest(
                 f"json_schema is not valid JSON: {error}", param="json_schema"
             ) from error
@@ -73,6 +134,7 @@ def constrained(
     if asked is None:
         return sampling
     text, param = asked
+    check_grammar_shape(text, param)
     problem = runtime.check_grammar(text)
     if problem is not None:
         raise InvalidRequest(f"{param}: the grammar cannot be used: {problem}", param=param)

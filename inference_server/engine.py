@@ -16,7 +16,7 @@ from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import ParamSpec, TypeVar, cast
 
-from .constraints import constrained, schema_grammar
+from .constraints import constrained
 from .domain import (
     DEFAULT_TENANT,
     ChatEvent,
@@ -25,7 +25,6 @@ from .domain import (
     CompletionRequest,
     Exchange,
     FinishReason,
-    Message,
     ModelInfo,
     Sampling,
     SessionKey,
@@ -48,7 +47,7 @@ from .scheduler import BatchScheduler, Generation, Job
 from .session_turns import SessionTurns
 from .sessions import SessionPage, SessionStore
 from .settings import ServerSettings
-from .tool_calls import tool_plan, with_tool_calls
+from .tool_formats import ToolPlan, plan, with_tool_calls
 from .validation import resolve_completion_sampling, resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -287,18 +286,18 @@ class LlamaEngine:
 
     @staticmethod
     def _tokenize_conversation(
-        runtime: LlamaRuntime, messages: tuple[Message, ...], request: CompletionRequest
+        runtime: LlamaRuntime, tools: ToolPlan, request: CompletionRequest
     ) -> list[int]:
-        """A whole conversation's prompt, or a raw prompt's (with a suffix, in
-        the model's fill-in-the-middle form); it must leave room for one token."""
+        """A whole conversation's prompt (as the tool plan renders it), or a
+        raw prompt's (with a suffix, in the model's fill-in-the-middle form);
+        it must leave room for one token."""
         if request.prompt is not None:
             prompt = runtime.tokenize_raw(request.prompt, request.suffix)
         else:
-            prompt = runtime.tokenize_chat(
-                [{"role": message.role.value, "content": message.content} for message in messages]
-            )
+            prompt = runtime.tokenize_chat(tools.messages, tools.tools)
         if len(prompt) >= runtime.n_ctx:
-            raise ContextOverflow(len(prompt), runtime.n_ctx)
+            param = "prompt" if request.prompt is not None else "messages"
+            raise ContextOverflow(len(prompt), runtime.n_ctx, param=param)
         return prompt
 
     def _fit_prompt(
@@ -368,15 +367,22 @@ class LlamaEngine:
         arrived = time.monotonic()
         runtime = self._require_runtime()
         sampling = resolve_completion_sampling(request, self._settings, runtime.n_ctx)
-        messages, reply_schema = tool_plan(
-            request.messages, request.tools, request.tool_choice, request.parallel_tool_calls
+        tools = await asyncio.to_thread(  # a schema's grammar can take a while
+            plan,
+            runtime.tool_format,
+            request.messages,
+            request.tools,
+            request.tool_choice,
+            request.parallel_tool_calls,
         )
-        # With tools, the reply is JSON in the tools' format: told at its end.
-        tool_grammar = schema_grammar(reply_schema, "tools") if reply_schema else None
+        if tools.reads_calls and request.stop:
+            raise InvalidRequest(
+                "stop cannot be combined with tools: it could cut a call short", param="stop"
+            )
         async with self._admitted():
-            prompt = await self._with_model(self._tokenize_conversation, runtime, messages, request)
+            prompt = await self._with_model(self._tokenize_conversation, runtime, tools, request)
             sampling = await self._with_model(
-                constrained, sampling, request.sampling, runtime, tool_grammar
+                constrained, sampling, request.sampling, runtime, tools.grammar
             )
             generation = self._generate(
                 prompt, sampling, None, request.tenant, arrived, request.stop
@@ -384,12 +390,14 @@ class LlamaEngine:
             async with aclosing(generation) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
-                        if tool_grammar is None:
+                        if not tools.reads_calls:  # else told whole at the end
                             yield event
                         continue
                     result = _result(None, prompt, event)
-                    if tool_grammar is not None:
-                        result = with_tool_calls(result)
+                    if tools.reads_calls:
+                        result = with_tool_calls(
+                            result, runtime.tool_format, tools.grammar is not None
+                        )
                         if result.text:
                             yield TextDelta(result.text)
                     yield result

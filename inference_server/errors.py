@@ -23,12 +23,12 @@ class ContextOverflow(InvalidRequest):
 
     code = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+    def __init__(self, prompt_tokens: int, n_ctx: int, *, param: str = "messages") -> None:
         super().__init__(
             f"Message is too long for the context: this model's maximum context length is "
             f"{n_ctx} tokens, and the prompt needs {prompt_tokens} tokens, with at least one "
             "more for the reply. Please reduce the length of the messages.",
-            param="messages",
+            param=param,
         )
         self.prompt_tokens = prompt_tokens
         self.n_ctx = n_ctx

@@ -26,11 +26,12 @@ from typing import Any, cast
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_types import ChatCompletionRequestMessage
+from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
 
 from .domain import Sampling, TokenLogprob, TopLogprob
 from .errors import InvalidRequest
-from .runtime import BatchEntry, DecodeFailed, NoKvSlot, TokenSampler
+from .runtime import BatchEntry, DecodeFailed, NoKvSlot, NoTokenAllowed, TokenSampler
+from .tool_formats import detect_format
 
 __all__ = ["BatchEntry", "LlamaRuntime", "Sampler", "llama_system_info"]
 
@@ -170,6 +171,9 @@ class Sampler:
                     sampling.presence_penalty,
                 )
             )
+        self.constrained = sampling.grammar is not None
+        """A grammar masks tokens: sampled by hand, so that a dead end fails
+        its request instead of aborting llama.cpp (``LlamaRuntime.sample``)."""
         if sampling.grammar is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(
                 vocab, sampling.grammar.encode(), b"root"
@@ -209,6 +213,7 @@ class LlamaRuntime:
         n_threads: int | None,
         n_batch: int,
         extra_buffer_types: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         llama_log = _init_backend()
         if not os.path.isfile(model_path):
@@ -248,7 +253,18 @@ class LlamaRuntime:
         self.n_sequences = llama_cpp.llama_n_seq_max(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._formatter = self._chat_formatter(model_path)
+        self.chat_template = chat_template or self._meta("tokenizer.chat_template") or ""
+        """The chat template in use: ``chat_template``, else the model's own."""
+        if not self.chat_template:
+            log.warning("%s has no chat template; using ChatML", model_path)
+            self.chat_template = CHATML_TEMPLATE
+        self.tool_format = detect_format(self.chat_template)
+        """How tools reach the model: ``tool_formats.detect_format``."""
+        self._formatter = chat_formatter(
+            self.chat_template,
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
+        )
         try:  # once, so that a template that mangles messages is refused at start
             self.tokenize_chat(PROBE_CONVERSATION)
         except TemplateMangles as error:
@@ -270,17 +286,6 @@ class LlamaRuntime:
             return ""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
-    def _chat_formatter(self, model_path: str) -> Jinja2ChatFormatter:
-        template = self._meta("tokenizer.chat_template")
-        if not template:
-            log.warning("%s has no chat template; using ChatML", model_path)
-            template = CHATML_TEMPLATE
-        return chat_formatter(
-            template,
-            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
-            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
-        )
-
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 2
@@ -296,7 +301,9 @@ class LlamaRuntime:
             )
         return list(tokens[:count])
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Apply the model's chat template (in Jinja2's sandbox) and tokenize,
         so that only the template's own markup can become control tokens.
 
@@ -320,7 +327,10 @@ class LlamaRuntime:
             for message, placeholder in zip(messages, placeholders, strict=True)
         ]
         # Role/content dicts: the shape of llama_cpp's message TypedDicts.
-        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", templated))
+        rendered = self._formatter(
+            messages=cast("list[ChatCompletionRequestMessage]", templated),
+            tools=cast("list[ChatCompletionTool] | None", tools),
+        )
         tokens: list[int] = []
         pieces = re.split(f"({marker}M\\d+E)", rendered.prompt)
         if any(marker.lower() in piece.lower() for piece in pieces[::2]):
@@ -401,9 +411,29 @@ class LlamaRuntime:
         return None
 
     def sample(self, sampler: TokenSampler, batch_index: int) -> int:
-        """Draw (and accept) the next token from the logits of a batch entry."""
+        """Draw (and accept) the next token from the logits of a batch entry.
+        With a grammar, as ``llama_sampler_sample`` does but checking that
+        the grammar left a token to draw (``NoTokenAllowed`` if not): llama.cpp
+        aborts the process when it accepts a token its grammar forbids."""
         chain = cast(Sampler, sampler)._chain
-        return llama_cpp.llama_sampler_sample(chain, self._ctx, batch_index)
+        if not cast(Sampler, sampler).constrained:
+            return int(llama_cpp.llama_sampler_sample(chain, self._ctx, batch_index))
+        n_vocab = self.n_vocab
+        row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        candidates = (llama_cpp.llama_token_data * n_vocab)()
+        view = np.ctypeslib.as_array(candidates)
+        view["id"] = np.arange(n_vocab, dtype=np.int32)
+        view["logit"] = np.ctypeslib.as_array(row, shape=(n_vocab,))
+        view["p"] = 0.0
+        current = llama_cpp.llama_token_data_array(candidates, n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(current))
+        if not 0 <= current.selected < current.size:
+            raise NoTokenAllowed("the grammar allows no next token")
+        chosen = current.data[current.selected]
+        if not np.isfinite(chosen.logit):
+            raise NoTokenAllowed("the grammar allows no next token")
+        llama_cpp.llama_sampler_accept(chain, chosen.id)
+        return int(chosen.id)
 
     def logprobs(self, batch_index: int, token: int, top: int) -> TokenLogprob:
         """Log-softmax of the raw logits of a batch entry (scheduler thread)."""

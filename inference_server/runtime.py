@@ -35,6 +35,11 @@ class DecodeFailed(RuntimeError):
     """``llama_decode`` failed otherwise (an invalid batch, a compute error)."""
 
 
+class NoTokenAllowed(RuntimeError):
+    """A request's grammar allows no token at this point of its reply: the
+    request ends with an error, and nothing is accepted into its sampler."""
+
+
 class TokenSampler(Protocol):
     """A request's sampler chain; closed when its job ends."""
 

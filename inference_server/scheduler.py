@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .domain import DEFAULT_TENANT, FinishReason, Sampling, SessionKey, TokenLogprob
-from .errors import EngineFailed, EngineNotReady, NoRoomInKvCache
-from .runtime import BatchEntry, DecodeFailed, NoKvSlot, Runtime, TokenSampler
+from .errors import EngineFailed, EngineNotReady, InvalidRequest, NoRoomInKvCache
+from .runtime import BatchEntry, DecodeFailed, NoKvSlot, NoTokenAllowed, Runtime, TokenSampler
 from .slots import Slot, SlotTable
 from .stop_sequences import StopSequences
 
@@ -319,6 +319,13 @@ class BatchScheduler:
             slot = slots.acquire(job.session, job.prompt, job.tenant)
             if slot is None:
                 return  # every slot is busy; the oldest job waits for the first to free
+            try:
+                sampler = runtime.sampler(job.sampling)
+            except ValueError as refused:  # checked before submit: not expected here
+                waiting.popleft()
+                slot.busy = False
+                _notify(job.on_done, InvalidRequest(str(refused), param="grammar"))
+                continue
             cached = slots.reuse_prefix(slot, job.prompt)
             # Taken off the queue only once admitted: if anything above raises,
             # the failure path still finds it there and tells it.
@@ -326,7 +333,7 @@ class BatchScheduler:
                 job=job,
                 queue_time_s=time.monotonic() - job.submitted_at,
                 slot=slot,
-                sampler=runtime.sampler(job.sampling),
+                sampler=sampler,
                 unevaluated=job.prompt[cached:],
                 cached_tokens=cached,
                 budget=min(job.sampling.max_tokens, runtime.n_ctx - len(job.prompt)),
@@ -411,7 +418,11 @@ class BatchScheduler:
         for item, tokens in plan.evaluated:
             item.slot.tokens.extend(tokens)
         for item, index in plan.sampled:
-            token = runtime.sample(item.sampler, index)
+            try:
+                token = runtime.sample(item.sampler, index)
+            except NoTokenAllowed as dead_end:
+                self._fail(running, item, InvalidRequest(f"grammar: {dead_end}", param="grammar"))
+                continue
             if runtime.is_end_of_generation(token):
                 self._finish(running, item, FinishReason.STOP)
                 continue

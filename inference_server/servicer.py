@@ -112,7 +112,8 @@ def to_domain(
     request: chat_pb2.ChatRequest | chat_pb2.ChatStreamRequest, tenant: str
 ) -> domain.ChatRequest:
     """The engine's request from either protobuf request (they share their fields)."""
-
+    if request.options.logprobs:
+        raise InvalidRequest("logprobs are reported by Complete only", param="logprobs")
     return domain.ChatRequest(
         message=request.message,
         session_id=request.session_id or None,
@@ -193,7 +194,7 @@ def json_object(text: str, param: str) -> str:
     """``text`` if it is a JSON object, else ``InvalidRequest`` naming ``param``."""
     try:
         parsed = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise InvalidRequest(f"{param}: not valid JSON: {error}", param=param) from error
     if not isinstance(parsed, dict):
         raise InvalidRequest(f"{param}: a JSON object is needed", param=param)

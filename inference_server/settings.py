@@ -76,6 +76,12 @@ class ServerSettings(KeySettings):
         description="Layers offloaded to the GPU; -1 offloads all. No effect on a "
         "CPU-only build of llama-cpp-python.",
     )
+    chat_template_file: Path | None = Field(
+        default=None,
+        description="A Jinja chat template to use instead of the model's own (rendered in "
+        "Jinja2's sandbox). Its tool format (Hermes, Llama 3, Mistral, or generic) is found "
+        "from its text.",
+    )
     cpu_repack: RepackMode = Field(
         default="auto",
         description="llama.cpp's CPU extra buffer types (weight repacking: AMX, and "

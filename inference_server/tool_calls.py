@@ -16,14 +16,16 @@ sees what it did.
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from dataclasses import replace
 from typing import Any
 
-from .domain import ChatResult, FinishReason, Message, Role, ToolCall, ToolChoice, ToolSpec
+from .domain import Message, Role, ToolCall, ToolChoice, ToolSpec
 from .errors import InvalidRequest
 
 MAX_TOOLS = 128
+# As OpenAI's API allows; nothing in a name can read as a template's markup.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def tool_system_prompt(tools: tuple[ToolSpec, ...], choice: ToolChoice) -> str:
@@ -92,6 +94,12 @@ def check_tools(tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
     if len(tools) > MAX_TOOLS:
         raise InvalidRequest(f"tools: at most {MAX_TOOLS} tools, got {len(tools)}", param="tools")
     names = [tool.name for tool in tools]
+    for name in names:
+        if not TOOL_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"tools: {name!r} is not a tool name (1 to 64 letters, digits, '_' or '-')",
+                param="tools",
+            )
     if len(set(names)) != len(names):
         raise InvalidRequest("tools: two tools have the same name", param="tools")
     for tool in tools:
@@ -170,13 +178,3 @@ def tool_plan(
     else:
         plain = (Message(Role.SYSTEM, instructions), *plain)
     return plain, reply_schema(tools, choice, parallel)
-
-
-def with_tool_calls(result: ChatResult) -> ChatResult:
-    """A finished reply in the tools' format, as its answer or its calls."""
-    if result.finish_reason is not FinishReason.STOP:
-        return result  # cut short or stopped: no whole JSON to read
-    text, calls = parse_reply(result.text)
-    if calls:
-        return replace(result, text="", tool_calls=calls, finish_reason=FinishReason.TOOL_CALLS)
-    return replace(result, text=text)

@@ -51,9 +51,13 @@ def resolve_completion_sampling(
 ) -> Sampling:
     """As ``resolve_sampling``, for a whole conversation: it needs at least one
     message, and some message must say something; or for a raw prompt."""
+    if request.suffix is not None and request.prompt is None:
+        raise InvalidRequest("suffix needs a prompt", param="suffix")
     if request.prompt is not None:
         if request.messages:
             raise InvalidRequest("give either messages or a prompt, not both", param="prompt")
+        if request.tools:
+            raise InvalidRequest("tools need messages, not a raw prompt", param="tools")
         if not request.prompt:
             raise InvalidRequest("prompt cannot be empty", param="prompt")
         check_length("prompt", request.prompt, settings.max_message_chars)

@@ -38,6 +38,8 @@ def prompt_fields(body: oa.CompletionRequest) -> dict[str, Any]:
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
+    if not prompt:
+        raise ApiError(400, "prompt cannot be empty", param="prompt")
     for param, unsupported, reason in [
         ("n", body.n not in (None, 1), "only n=1 is supported"),
         ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),

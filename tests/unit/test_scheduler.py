@@ -10,7 +10,8 @@ from concurrent.futures import Future
 import pytest
 
 from inference_server.domain import FinishReason, Sampling
-from inference_server.errors import EngineFailed, EngineNotReady, NoRoomInKvCache
+from inference_server.errors import EngineFailed, EngineNotReady, InvalidRequest, NoRoomInKvCache
+from inference_server.runtime import NoTokenAllowed
 from inference_server.scheduler import BatchScheduler, Generation, Job
 from tests.helpers import settle
 from tests.runtime_double import ScriptedRuntime, ScriptedSampler
@@ -114,16 +115,38 @@ def test_an_unexpected_error_fails_every_job_and_stops_the_scheduler(run):
         started.submit([5])
 
 
-def test_a_job_whose_admission_fails_is_told_too(run):
+def test_a_job_whose_admission_fails_unexpectedly_is_told_too(run):
     runtime = ScriptedRuntime(n_sequences=1)
 
     def broken_sampler(sampling: Sampling) -> ScriptedSampler:
-        raise ValueError("no sampler today")
+        raise RuntimeError("no sampler today")
 
     runtime.sampler = broken_sampler  # type: ignore[method-assign]
     started = run(runtime)
     with pytest.raises(EngineFailed, match="no sampler today"):
         started.submit([1, 2]).result(timeout=TIMEOUT_S)
+
+
+def test_a_refused_sampler_or_a_grammar_dead_end_fails_that_job_alone(run):
+    runtime = ScriptedRuntime(n_sequences=1)
+    make = runtime.sampler
+    refusals = iter([True, False, False])
+
+    def sometimes(sampling: Sampling) -> ScriptedSampler:
+        if next(refusals):
+            raise ValueError("the grammar does not compile")
+        return make(sampling)
+
+    runtime.sampler = sometimes  # type: ignore[method-assign]
+    started = run(runtime)
+    with pytest.raises(InvalidRequest, match="does not compile"):
+        started.submit([1, 2]).result(timeout=TIMEOUT_S)
+    runtime.sample_error = NoTokenAllowed("the grammar allows no next token")
+    with pytest.raises(InvalidRequest, match="allows no next token"):
+        started.submit([3, 4]).result(timeout=TIMEOUT_S)
+    runtime.sample_error = None
+    assert started.submit([5]).result(timeout=TIMEOUT_S).text == "<10><11><12>"
+    assert started.failures == [] and started.scheduler.failure is None
 
 
 def test_a_cancelled_job_ends_as_cancelled_and_frees_its_sampler(run):
