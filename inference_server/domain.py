@@ -159,6 +159,20 @@ class ModelInfo:
     unavailable_reason: str | None = None
     """Why a chat cannot succeed now (model not loaded, engine failed, session
     store not writable); ``None`` when it can."""
+    details: ModelDetails | None = None
+    """What the loaded model is (``None`` while loading)."""
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    """A loaded model file: architecture, description, size, template."""
+
+    architecture: str
+    description: str
+    parameters: int
+    size_bytes: int
+    chat_template: str
+    tool_format: str
 
 
 @dataclass(frozen=True)

@@ -522,6 +522,7 @@ class LlamaEngine:
             context_size=runtime.n_ctx if runtime is not None else self._settings.n_ctx,
             loaded=runtime is not None,
             unavailable_reason=self.unavailable_reason(),
+            details=runtime.details() if runtime is not None else None,
         )
 
     async def metrics_text(self) -> str:

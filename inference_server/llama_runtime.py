@@ -28,7 +28,7 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
 
-from .domain import Sampling, TokenLogprob, TopLogprob
+from .domain import ModelDetails, Sampling, TokenLogprob, TopLogprob
 from .errors import InvalidRequest
 from .runtime import BatchEntry, DecodeFailed, NoKvSlot, NoTokenAllowed, TokenSampler
 from .tool_formats import detect_format
@@ -285,6 +285,20 @@ class LlamaRuntime:
         if token == -1:
             return ""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def details(self) -> ModelDetails:
+        """What the loaded model is (any thread)."""
+        description = read_sized(
+            lambda buffer, size: llama_cpp.llama_model_desc(self._model, buffer, size), 256
+        )
+        return ModelDetails(
+            architecture=self._meta("general.architecture") or "",
+            description=description.rstrip(b"\0").decode("utf-8", "replace"),
+            parameters=int(llama_cpp.llama_model_n_params(self._model)),
+            size_bytes=int(llama_cpp.llama_model_size(self._model)),
+            chat_template=self.chat_template,
+            tool_format=self.tool_format,
+        )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         data = text.encode("utf-8")

@@ -5,6 +5,7 @@ Engine errors become gRPC status codes here, in ``status_for``, and nowhere else
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -333,6 +334,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             context_size=model.context_size,
             loaded=model.loaded,
             unavailable_reason=model.unavailable_reason or "",
+            details=(
+                chat_pb2.ModelDetails(**dataclasses.asdict(model.details))
+                if model.details is not None
+                else None
+            ),
         )
 
     @maps_errors

@@ -30,6 +30,7 @@ from .hosts import TrustedHosts, allowed_names
 from .metrics import GatewayMetrics
 from .metrics import router as metrics_router
 from .observe import RequestObserver
+from .ollama_routes import router as ollama_router
 from .openai_completions import router as completions_router
 from .openai_routes import router as openai_router
 from .routes import SERVICE_NAME, VERSION, router
@@ -103,6 +104,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(completions_router)
+    app.include_router(ollama_router)
     app.include_router(metrics_router)
     app.include_router(ui_router)
     return app

@@ -42,6 +42,8 @@ def http_status_for(code: grpc.StatusCode) -> int:
 
 
 OPENAI_PREFIX = "/v1/"
+# Ollama's API answers errors as {"error": "..."}.
+OLLAMA_PREFIX = "/api/"
 
 # OpenAI's error types by HTTP status.
 OPENAI_ERROR_TYPES = {
@@ -81,6 +83,8 @@ def error_response(
     """An error answer in the shape of the API that ``path`` belongs to."""
     if path.startswith(OPENAI_PREFIX):
         content = openai_error(status, message, param=param, code=code)
+    elif path.startswith(OLLAMA_PREFIX):
+        content = {"error": message}
     else:
         content = {"detail": message}
     return AsciiJSONResponse(status_code=status, content=content, headers=headers)
@@ -190,7 +194,7 @@ async def handle_validation_error(request: Request, error: Exception) -> JSONRes
     other error; under ``/v1/`` a 400, as OpenAI answers a bad parameter."""
     assert isinstance(error, RequestValidationError)
     message = describe_validation_errors(error.errors())
-    if request.url.path.startswith(OPENAI_PREFIX):
+    if request.url.path.startswith((OPENAI_PREFIX, OLLAMA_PREFIX)):
         first = error.errors()[0]["loc"] if error.errors() else ()
         param = ".".join(str(part) for part in first if part != "body") or None
         return error_response(request.url.path, 400, message, param=param)

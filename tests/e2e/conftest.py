@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,3 +127,15 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     finally:
         codes = (stop(running.gateway), stop(running.core))
     assert codes == (0, 0), f"exit codes {codes}; logs in {logs}"
+
+
+def run_readme_example(section: str, url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run the Python example of a README section as printed, with only its
+    URL (``http://localhost:8002``) pointed at ``url``."""
+    text = (ROOT / "README.md").read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("http://localhost:8002", url))
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )

@@ -23,7 +23,7 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion import Choice
 from pydantic import BaseModel, Field, ValidationError
 
-from tests.e2e.conftest import Service
+from tests.e2e.conftest import Service, run_readme_example
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: its bundled map
 
@@ -370,18 +370,6 @@ def test_llama_index_openai_like_completes_with_its_defaults(service: Service):
 
 
 def test_the_readme_example_works_as_printed(service: Service, tmp_path):
-    import re
-    import subprocess
-    import sys
-
-    from tests.e2e.conftest import ROOT
-
-    section = (ROOT / "README.md").read_text().split("## OpenAI-compatible API", 1)[1]
-    (example,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.DOTALL)
-    script = tmp_path / "example.py"
-    script.write_text(example.replace("http://localhost:8002", service.url))
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
+    done = run_readme_example("OpenAI-compatible API", service.url, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "name=" in done.stdout and "get_weather" in done.stdout
