@@ -30,6 +30,7 @@ from .hosts import TrustedHosts, allowed_names
 from .metrics import GatewayMetrics
 from .metrics import router as metrics_router
 from .observe import RequestObserver
+from .ollama_routes import JsonBodies
 from .ollama_routes import router as ollama_router
 from .openai_completions import router as completions_router
 from .openai_routes import router as openai_router
@@ -84,6 +85,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # The last added runs first: the observer (which sees every answer), the
     # Host check, CORS, then the key, then the body limit, so a 401 or a 413
     # carries the CORS headers too, and no body is read unauthorized.
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if keys.required:
         app.add_middleware(ApiKeyAuth, keys=keys)

@@ -359,3 +359,18 @@ async def managing(action: str) -> JSONResponse:
             "started with (set MODEL_PATH and restart it to serve another)",
         )
     raise ApiError(404, f"/api/{action} does not exist")
+
+
+class JsonBodies:
+    """ASGI middleware: Ollama reads every ``/api/`` body as JSON whatever its
+    Content-Type, and its documentation's ``curl -d '{...}'`` examples send
+    none (curl then says form data); here too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

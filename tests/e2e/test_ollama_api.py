@@ -117,3 +117,13 @@ def test_the_readme_example_works_as_printed(service: Service, tmp_path):
     done = run_readme_example("Ollama-compatible API", service.url, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_bodies_are_json_whatever_their_content_type(service: Service):
+    # As Ollama's documentation shows it: curl -d '{...}', which says form data.
+    reply = httpx.post(
+        f"{service.url}/api/generate",
+        content=json.dumps({"model": MODEL, "prompt": "Hi", "stream": False, "options": GREEDY}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 200 and reply.json()["done"] is True
