@@ -192,13 +192,10 @@ class TopLogprob:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class TokenLogprob(TopLogprob):
     """A generated token, its log probability under the model (before any
     sampler changed the distribution), and the most likely tokens there."""
 
-    token: str
-    token_bytes: bytes
-    logprob: float
     top: tuple[TopLogprob, ...] = ()
 
 

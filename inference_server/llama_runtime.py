@@ -154,6 +154,8 @@ class Sampler:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
+        self._candidates: Any = None
+        self._ids: np.ndarray = np.empty(0, dtype=np.int32)
         add = lambda sampler: llama_cpp.llama_sampler_chain_add(self._chain, sampler)  # noqa: E731
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab) if vocab is not None else 0
         if sampling.logit_bias:
@@ -192,6 +194,14 @@ class Sampler:
         add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
         add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def candidates(self, n_vocab: int) -> tuple[Any, np.ndarray]:
+        """This request's token-data array and token ids, made at its first
+        token and reused for every next one."""
+        if self._candidates is None:
+            self._candidates = (llama_cpp.llama_token_data * n_vocab)()
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+        return self._candidates, self._ids
 
     def close(self) -> None:
         if self._chain is not None:
@@ -434,9 +444,9 @@ class LlamaRuntime:
             return int(llama_cpp.llama_sampler_sample(chain, self._ctx, batch_index))
         n_vocab = self.n_vocab
         row = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
-        candidates = (llama_cpp.llama_token_data * n_vocab)()
+        candidates, ids = cast(Sampler, sampler).candidates(n_vocab)
         view = np.ctypeslib.as_array(candidates)
-        view["id"] = np.arange(n_vocab, dtype=np.int32)
+        view["id"] = ids  # again each time: samplers reorder the array in place
         view["logit"] = np.ctypeslib.as_array(row, shape=(n_vocab,))
         view["p"] = 0.0
         current = llama_cpp.llama_token_data_array(candidates, n_vocab, -1, False)

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 from fastapi import APIRouter, Request
 
 from llamachat.v1 import chat_pb2
 
 from . import openai_schemas as oa
 from .disconnect import unless_disconnected
-from .errors import ApiError, detail_of, http_status_for, openai_error
+from .errors import ApiError
 from .observe import note
 from .openai_requests import FINISH_REASONS, STOPPED_EARLY, sampling_options
-from .openai_routes import DONE_EVENT, ERRORS, require_model, served_model, usage_of
+from .openai_routes import ERRORS, relay_chunks, require_model, served_model, usage_of
 from .routes import CallOptions, ChatStub, to_grpc_message
-from .sse import chain, event_stream, sse_event
+from .sse import event_stream
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -117,57 +115,39 @@ async def completions(
     first = await unless_disconnected(request, stream_call, anext(messages))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return event_stream(
-        relay_text(
+        relay_chunks(
             first,
             messages,
             stream_call,
-            {**base, "object": "text_completion"},
+            TextChunks(base, body.logprobs),
             include_usage,
-            body.logprobs,
             on_usage=lambda usage: note(request, usage=usage, delivered=True),
             on_error=lambda: note(request, stream_error=True),
         )
     )
 
 
-async def relay_text(
-    first: chat_pb2.CompleteStreamResponse,
-    rest: AsyncIterator[chat_pb2.CompleteStreamResponse],
-    call: grpc.aio.UnaryStreamCall,
-    base: dict[str, Any],
-    include_usage: bool,
-    logprobs: int | None,
-    on_usage: Callable[[chat_pb2.Usage], None],
-    on_error: Callable[[], None],
-) -> AsyncIterator[str]:
-    """A chunk per piece of text, one with the finish reason (and the
-    logprobs, when asked), one with the usage if asked for, then ``[DONE]``."""
+class TextChunks:
+    """``text_completion`` objects of one streamed text completion."""
 
-    def chunk(text: str, finish: str | None = None, extra: Any = None) -> str:
-        choice = {"text": text, "index": 0, "logprobs": extra, "finish_reason": finish}
-        return sse_event({**base, "choices": [choice]})
+    def __init__(self, base: dict[str, Any], logprobs: int | None) -> None:
+        self.base = {**base, "object": "text_completion"}
+        self.logprobs = logprobs
 
-    try:
-        async for message in chain(first, rest):
-            if message.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED:
-                yield chunk(message.text)
-                continue
-            on_usage(message.usage)
-            if message.finish_reason not in FINISH_REASONS:
-                on_error()
-                yield sse_event(openai_error(503, STOPPED_EARLY))
-                break
-            found = logprobs_of(message, logprobs)
-            yield chunk("", FINISH_REASONS[message.finish_reason], found and found.model_dump())
-            if include_usage:
-                yield sse_event(
-                    {**base, "choices": [], "usage": usage_of(message.usage).model_dump()}
-                )
-            break
-        yield DONE_EVENT
-    except grpc.aio.AioRpcError as error:
-        on_error()
-        yield sse_event(openai_error(http_status_for(error.code()), detail_of(error)))
-        yield DONE_EVENT
-    finally:
-        call.cancel()
+    def chunk(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+        return {**self.base, "choices": [choice]}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self.chunk(text)
+
+    def finish(self, last: chat_pb2.CompleteStreamResponse) -> list[dict[str, Any]]:
+        found = logprobs_of(last, self.logprobs)
+        reason = FINISH_REASONS[last.finish_reason]
+        return [self.chunk("", reason, found.model_dump() if found else None)]
+
+    def usage(self, usage: chat_pb2.Usage) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": usage_of(usage).model_dump()}

@@ -62,10 +62,7 @@ def refuse_unsupported(body: oa.ChatCompletionRequest) -> None:
             raise ApiError(400, f"{param}: {reason}", param=param, code="unsupported_parameter")
 
 
-Body = oa.ChatCompletionRequest | oa.CompletionRequest
-
-
-def response_format_options(body: Body) -> dict[str, Any]:
+def response_format_options(body: oa.SamplingRequest) -> dict[str, Any]:
     """``response_format`` (or llama.cpp's ``json_schema`` and ``grammar``) as
     the core's options."""
     options: dict[str, Any] = {}
@@ -93,7 +90,7 @@ def response_format_options(body: Body) -> dict[str, Any]:
     return {"json_schema": json.dumps(fmt.json_schema.schema_)}
 
 
-def sampling_options(body: Body, top_logprobs: int | None = None) -> dict[str, Any]:
+def sampling_options(body: oa.SamplingRequest, top_logprobs: int | None = None) -> dict[str, Any]:
     """The fields of the core's ``SamplingOptions`` (``top_logprobs``: report
     log probabilities, with that many alternatives)."""
     options: dict[str, Any] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from fastapi import APIRouter, Request
@@ -221,8 +221,40 @@ class ChunkMaker:
         }
         return {**self.base, "choices": [choice]}
 
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.delta({"role": "assistant", "content": ""})]
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self.delta({"content": text})
+
+    def finish(self, last: chat_pb2.CompleteStreamResponse) -> list[dict[str, Any]]:
+        """The tool calls (each whole, as OpenAI's first delta of one), then
+        the finish reason."""
+        chunks = []
+        if last.tool_calls:
+            calls = [
+                {"index": index, **item.model_dump()}
+                for index, item in enumerate(tool_call_items(last))
+            ]
+            chunks.append(self.delta({"tool_calls": calls}))
+        reason = FINISH_REASONS[last.finish_reason]
+        chunks.append(self.delta({}, reason, logprobs_of(last, bool(last.logprobs))))
+        return chunks
+
     def usage(self, usage: chat_pb2.Usage) -> dict[str, Any]:
         return {**self.base, "choices": [], "usage": usage_of(usage).model_dump()}
+
+
+class Chunks(Protocol):
+    """The events of one kind of OpenAI stream (chat or text completion)."""
+
+    def opening(self) -> list[dict[str, Any]]: ...
+
+    def piece(self, text: str) -> dict[str, Any]: ...
+
+    def finish(self, last: chat_pb2.CompleteStreamResponse) -> list[dict[str, Any]]: ...
+
+    def usage(self, usage: chat_pb2.Usage) -> dict[str, Any]: ...
 
 
 # The event that ends an OpenAI stream.
@@ -233,43 +265,33 @@ async def relay_chunks(
     first: chat_pb2.CompleteStreamResponse,
     rest: AsyncIterator[chat_pb2.CompleteStreamResponse],
     call: grpc.aio.UnaryStreamCall,
-    chunk: ChunkMaker,
+    chunk: Chunks,
     include_usage: bool,
     on_usage: Callable[[chat_pb2.Usage], None],
     on_error: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[str]:
     """The SSE stream of a ``CompleteStream`` whose first message has arrived:
-    a first chunk with the role, one per piece of text, one with the finish
-    reason, one with the usage if asked for, then ``[DONE]``. An error after
+    ``chunk``'s opening chunks, one per piece of text, its finish chunks, one
+    with the usage if asked for, then ``[DONE]``. An error after
     the 200 was sent comes as a last ``{"error": ...}`` event, as vLLM sends it.
     ``on_usage`` gets the usage as the last events are sent, ``on_error`` is
     called as an error event is. The ``finally`` cancels the call when the
     client goes away."""
 
     try:
-        yield sse_event(chunk.delta({"role": "assistant", "content": ""}))
+        for opening in chunk.opening():
+            yield sse_event(opening)
         async for message in chain(first, rest):
             if message.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED:
-                yield sse_event(chunk.delta({"content": message.text}))
+                yield sse_event(chunk.piece(message.text))
                 continue
             on_usage(message.usage)
-            if message.tool_calls:  # each call whole, as OpenAI's first delta of one
-                calls = [
-                    {"index": index, **item.model_dump()}
-                    for index, item in enumerate(tool_call_items(message))
-                ]
-                yield sse_event(chunk.delta({"tool_calls": calls}))
             if message.finish_reason not in FINISH_REASONS:
                 on_error()
                 yield sse_event(openai_error(503, STOPPED_EARLY))
                 break
-            yield sse_event(
-                chunk.delta(
-                    {},
-                    FINISH_REASONS[message.finish_reason],
-                    logprobs_of(message, bool(message.logprobs)),
-                )
-            )
+            for finish in chunk.finish(message):
+                yield sse_event(finish)
             if include_usage:
                 yield sse_event(chunk.usage(message.usage))
             break  # the response ends here, not when the call's status comes

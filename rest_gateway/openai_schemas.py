@@ -90,35 +90,26 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``."""
+class SamplingRequest(BaseModel):
+    """What both OpenAI completion requests share: the model, streaming,
+    sampling, stop sequences, and the reply's format (with llama.cpp's
+    server's extensions)."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(description="The model's id, as GET /v1/models lists it.")
-    messages: list[ChatMessage] = Field(description="The conversation, oldest first.")
+    model: str = Field(description="The model's name (any serves, unless STRICT_MODEL_NAMES).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, strict=True)
     top_p: float | None = Field(default=None, strict=True)
-    max_tokens: int | None = Field(default=None, strict=True, ge=-INT32_MAX - 1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(
-        default=None, strict=True, ge=-INT32_MAX - 1, le=INT32_MAX
-    )
     seed: int | None = Field(
         default=None, strict=True, ge=-1, le=UINT32_MAX, description="-1: a random seed."
     )
     n: int | None = None
     stop: str | list[str] | None = None
-    tools: list[ToolDef] | None = None
-    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    presence_penalty: float | None = Field(default=None, strict=False)
-    frequency_penalty: float | None = Field(default=None, strict=False)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # llama.cpp's server's extensions.
@@ -127,6 +118,22 @@ class ChatCompletionRequest(BaseModel):
     repeat_penalty: float | None = None
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(description="The conversation, oldest first.")
+    max_tokens: int | None = Field(default=None, strict=True, ge=-INT32_MAX - 1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(
+        default=None, strict=True, ge=-INT32_MAX - 1, le=INT32_MAX
+    )
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
 
 
 class ModelCard(BaseModel):
@@ -201,12 +208,9 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorBody
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``: a raw prompt to continue (no chat template)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
     prompt: str | list[str] = Field(description="The text to continue (a list of one).")
     suffix: str | None = Field(
         default=None, description="Text after the completion (fill-in-the-middle models only)."
@@ -218,26 +222,9 @@ class CompletionRequest(BaseModel):
         le=INT32_MAX,
         description="Tokens to generate; OpenAI's default for this endpoint is 16.",
     )
-    temperature: float | None = Field(default=None, strict=True)
-    top_p: float | None = Field(default=None, strict=True)
-    n: int | None = None
     best_of: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
     echo: bool | None = None
     logprobs: int | None = Field(default=None, strict=True, ge=0, le=20)
-    seed: int | None = Field(default=None, strict=True, ge=-1, le=UINT32_MAX)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    top_k: int | None = Field(default=None, strict=True, ge=0, le=INT32_MAX)
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    json_schema: dict[str, Any] | None = None
-    grammar: str | None = None
-    response_format: ResponseFormat | None = None
 
 
 class CompletionLogprobs(BaseModel):
