@@ -68,6 +68,8 @@ async def serve(settings: ServerSettings, runtime_class: type[LlamaRuntime] = Ll
             if settings.grpc_tls_cert and settings.grpc_tls_key
             else None
         ),
+        replica_name=settings.replica_name,
+        max_connection_age_s=settings.max_connection_age_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

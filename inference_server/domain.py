@@ -81,6 +81,9 @@ class ChatRequest:
     sampling: SamplingParams = SamplingParams()
     tenant: str = DEFAULT_TENANT
     """Whose session it is: a session id means a session of this tenant only."""
+    request_id: str | None = None
+    """Makes a retry idempotent: a turn whose session keeps this id already is
+    answered the kept reply, and no second exchange is made."""
 
 
 class Role(enum.Enum):

@@ -35,6 +35,7 @@ from .errors import (
     ContextOverflow,
     EngineFailed,
     EngineNotReady,
+    HistoryChanged,
     InvalidRequest,
     ModelLoadError,
     Overloaded,
@@ -43,10 +44,12 @@ from .errors import (
 )
 from .llama_runtime import LlamaRuntime
 from .metrics import EngineMetrics
+from .runtime import Runtime
 from .scheduler import BatchScheduler, Generation, Job
 from .session_turns import SessionTurns
-from .sessions import SessionPage, SessionStore
+from .sessions import RequestRecord, SessionPage, SessionStore, StoredReply
 from .settings import ServerSettings
+from .slots import common_prefix_length
 from .tool_formats import ToolPlan, plan, with_tool_calls
 from .validation import resolve_completion_sampling, resolve_sampling
 
@@ -71,9 +74,11 @@ class LlamaEngine:
     llama.cpp runs on the event loop.
 
     The session store is used from one thread of its own, in the order of the
-    calls, so a clear and a finishing turn of the same session cannot cross: a
-    turn's exchange is committed (and for a durable store, on disk) before its
-    ``ChatResult`` is yielded.
+    calls. A turn's exchange is committed (and for a durable store, on disk)
+    before its ``ChatResult`` is yielded, and only if the session's history is
+    still the one its prompt was built from (a clear or another replica's turn
+    in between: ``HistoryChanged``, nothing kept). A turn with a request id
+    that its session keeps already is answered the kept reply, not generated.
 
     Health: ``unavailable_reason()`` says why a chat cannot succeed now (the
     model is loading, the scheduler failed, the store cannot be written), and
@@ -124,9 +129,6 @@ class LlamaEngine:
         )
         self._capacity = settings.n_slots + settings.max_queue
         self._in_flight = 0
-        # Sessions generating now, and whether each was cleared meanwhile (then
-        # its finished exchange must not bring it back).
-        self._cleared_while_generating: dict[SessionKey, bool] = {}
 
     async def load(self) -> None:
         """Load the model on the scheduler's thread; the engine is ready afterwards.
@@ -344,24 +346,47 @@ class LlamaEngine:
         session: SessionKey,
         arrived: float,
     ) -> AsyncGenerator[ChatEvent, None]:
-        # From here on a clear of this session keeps this turn out of its history.
-        self._cleared_while_generating[session] = False
-        try:
-            history = await self._in_store(self._store.history, *session) or []
-            prompt = await self._with_model(self._fit_prompt, runtime, history, request.message)
-            sampling = await self._with_model(constrained, sampling, request.sampling, runtime)
-            generation = self._generate(prompt, sampling, session, session[0], arrived)
-            async with aclosing(generation) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        yield event
-                        continue
-                    if event.finish_reason is not FinishReason.CANCELLED:
-                        exchange = Exchange(request.message, event.text)
-                        self._forget_kv(await self._write_store(self._commit, session, exchange))
-                    yield _result(session[1], prompt, event)
-        finally:
-            self._cleared_while_generating.pop(session, None)
+        # The history and its version: the exchange is kept only if the session
+        # is still at this version when it is committed (a clear, or another
+        # replica's turn, in between: HistoryChanged, and nothing is kept).
+        history = await self._in_store(self._store.read, *session, request.request_id)
+        if history.replay is not None:  # a retry of a turn already kept: no second one
+            if history.replay.message != request.message:
+                raise InvalidRequest(
+                    "request_id was used already in this session, for another message: "
+                    "a retry sends the same message, a new turn needs a new id",
+                    param="request_id",
+                )
+            if history.replay.text:
+                yield TextDelta(history.replay.text)
+            yield _replayed(session[1], history.replay)
+            return
+        prompt = await self._with_model(
+            self._fit_prompt, runtime, history.exchanges, request.message
+        )
+        sampling = await self._with_model(constrained, sampling, request.sampling, runtime)
+        generation = self._generate(prompt, sampling, session, session[0], arrived)
+        async with aclosing(generation) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    yield event
+                    continue
+                if event.finish_reason is not FinishReason.CANCELLED:
+                    record = (
+                        RequestRecord(
+                            request.request_id,
+                            event.finish_reason.value,
+                            event.completion_tokens,
+                        )
+                        if request.request_id
+                        else None
+                    )
+                    exchange = Exchange(request.message, event.text)
+                    kept = self._write_store(
+                        self._commit, session, exchange, history.version, record
+                    )
+                    self._forget_kv(await kept)
+                yield _result(session[1], prompt, event)
 
     async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         arrived = time.monotonic()
@@ -485,21 +510,24 @@ class LlamaEngine:
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await collect(self.chat_stream(request))
 
-    def _commit(self, session: SessionKey, exchange: Exchange) -> list[SessionKey]:
-        """On the store's thread: keep a finished turn unless its session was
-        cleared meanwhile; returns the sessions evicted to make room."""
-        if self._cleared_while_generating.get(session):
-            return []
-        return self._store.append(*session, exchange)
-
-    def _delete(self, session: SessionKey) -> None:
-        """On the store's thread: forget a session, and the turn it is generating."""
-        self._store.delete(*session)
-        if session in self._cleared_while_generating:
-            self._cleared_while_generating[session] = True
+    def _commit(
+        self,
+        session: SessionKey,
+        exchange: Exchange,
+        version: int,
+        request: RequestRecord | None,
+    ) -> list[SessionKey]:
+        """On the store's thread: keep a finished turn if its session is still
+        at ``version`` (else ``HistoryChanged``, and the KV cells built on the
+        old history go); returns the sessions evicted to make room."""
+        try:
+            return self._store.append(*session, exchange, expected_version=version, request=request)
+        except HistoryChanged:
+            self._scheduler.forget_session(session)
+            raise
 
     async def clear(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
-        await self._in_store(self._delete, (tenant, session_id))
+        await self._in_store(self._store.delete, tenant, session_id)
         self._scheduler.forget_session((tenant, session_id))
 
     async def history(self, session_id: str, tenant: str = DEFAULT_TENANT) -> list[Exchange]:
@@ -554,6 +582,17 @@ class _Timing:
         else:
             metrics.inter_token_latency.observe(now - self.last)
         self.last = now
+
+
+def _replayed(session_id: str, reply: StoredReply) -> ChatResult:
+    """The result of a retried turn: the reply kept for its request id."""
+    return ChatResult(
+        session_id=session_id,
+        text=reply.text,
+        finish_reason=FinishReason(reply.finish_reason),
+        prompt_tokens=0,
+        completion_tokens=reply.completion_tokens,
+    )
 
 
 def _result(session_id: str | None, prompt: list[int], generation: Generation) -> ChatResult:

@@ -55,6 +55,7 @@ class SessionStoreError(EngineError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Session store unavailable: {reason}")
+        self.reason = reason
 
 
 class EngineNotReady(EngineError):
@@ -93,5 +94,20 @@ class SessionBusy(EngineError):
         super().__init__(
             "Session is busy: a turn of it is running and another is waiting; "
             "send the next message after the reply"
+        )
+        self.session_id = session_id
+
+
+class HistoryChanged(EngineError):
+    """The session's history changed while a reply was being generated (the
+    session was cleared, or another turn, of another replica, was added): the
+    reply was built on a history that is no longer the stored one, so it was
+    not kept."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            "Session history changed while the reply was generated (the session was "
+            "cleared, or another turn was added to it): this reply was not kept; "
+            "send the message again"
         )
         self.session_id = session_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ class CoreServer:
 
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# Clients may ping this often (the gateway's keepalive pings find a frozen core
+# within seconds), also between calls; faster pings get the connection closed.
+MIN_PING_INTERVAL_MS = 1000
 
 
 class AddressInUse(OSError):
@@ -68,6 +72,8 @@ async def create_server(
     rate_limit_per_minute: int = 0,
     max_concurrent_rpcs: int | None = None,
     tls: TlsFiles | None = None,
+    replica_name: str | None = None,
+    max_connection_age_s: float = 0.0,
 ) -> CoreServer:
     """Build the server on ``address`` (a host:port, port 0 picking a free one,
     or ``unix:PATH``). Health says NOT_SERVING until ``set_serving(True)``.
@@ -75,7 +81,10 @@ async def create_server(
     need one, which names the caller's tenant; ``rate_limit_per_minute`` limits
     each tenant's calls; past ``max_concurrent_rpcs`` calls at once (streams
     included) a call gets RESOURCE_EXHAUSTED; with ``tls``, the port speaks
-    TLS only."""
+    TLS only. ``replica_name`` (default HOSTNAME:PORT) is sent with every
+    reply as ``x-core-replica`` metadata; past ``max_connection_age_s`` (0:
+    never) a connection is asked to go away, so that its client reconnects and
+    resolves the core's name again."""
     keys = keys or KeyRing()
     interceptors: list[grpc.aio.ServerInterceptor] = [
         TenantInterceptor(keys, rate_limit_per_minute),
@@ -88,9 +97,9 @@ async def create_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             # A second server on a busy port must fail, not share the port.
             ("grpc.so_reuseport", 0),
+            *connection_options(max_connection_age_s),
         ],
     )
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine, keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection(
@@ -108,6 +117,21 @@ async def create_server(
             port = server.add_secure_port(address, tls.credentials())
     except RuntimeError as error:
         raise AddressInUse(f"Cannot listen on {address}: {error}") from error
+    where = address if address.startswith("unix:") else port
+    replica = replica_name or f"{socket.gethostname()}:{where}"
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(engine, keys, replica), server)
     core = CoreServer(server=server, health=health_servicer, port=port)
     await core.set_serving(False)
     return core
+
+
+def connection_options(max_connection_age_s: float) -> list[tuple[str, int]]:
+    """Keepalive pings allowed (also with no call open), and the connections'
+    maximum age when there is one."""
+    options = [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ]
+    if max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", round(max_connection_age_s * 1000)))
+    return options

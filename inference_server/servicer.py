@@ -24,6 +24,7 @@ from .errors import (
     EngineError,
     EngineFailed,
     EngineNotReady,
+    HistoryChanged,
     InvalidRequest,
     NoRoomInKvCache,
     Overloaded,
@@ -44,6 +45,7 @@ STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     EngineFailed: grpc.StatusCode.UNAVAILABLE,
     NoRoomInKvCache: grpc.StatusCode.INVALID_ARGUMENT,
     SessionBusy: grpc.StatusCode.ABORTED,
+    HistoryChanged: grpc.StatusCode.ABORTED,
 }
 
 ROLES = {
@@ -85,6 +87,10 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 # clients act on (OpenAI's param and code: "context_length_exceeded").
 PARAM_KEY = "error-param"
 CODE_KEY = "error-code"
+# Metadata naming the replica that answered: initial metadata of a stream
+# (sent with its first message, so a gateway knows it before relaying any) and
+# trailing metadata of every call.
+REPLICA_KEY = "x-core-replica"
 
 
 def error_metadata(error: Exception) -> tuple[tuple[str, str], ...]:
@@ -99,11 +105,11 @@ def maps_errors(method: Handler) -> Handler:
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        context.set_trailing_metadata(self.replica_metadata)
         try:
             return await method(self, request, context)
         except Exception as error:  # every error is mapped to a status, none is lost
-            if metadata := error_metadata(error):
-                context.set_trailing_metadata(metadata)
+            context.set_trailing_metadata((*self.replica_metadata, *error_metadata(error)))
             await context.abort(*status_for(error))
 
     return wrapper  # type: ignore[return-value]
@@ -120,6 +126,7 @@ def to_domain(
         session_id=request.session_id or None,
         sampling=sampling_of(request),
         tenant=tenant,
+        request_id=request.request_id or None,
     )
 
 
@@ -244,13 +251,19 @@ async def write_stream(
     events: AsyncGenerator[domain.ChatEvent, None],
     last: Callable[[domain.ChatResult], StreamMessage],
     piece: Callable[[str], StreamMessage],
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Write an engine stream: a ``piece(text)`` per ``TextDelta``, then
     ``last(result)``. Written with context.write rather than yield, so that a
     cancelled call raises here and aclosing closes the engine's stream at
-    once, which stops generation within one token."""
+    once, which stops generation within one token. ``headers`` go out with the
+    first message, not before: until then a client may still retry the call
+    elsewhere."""
     async with aclosing(events) as stream:
         async for event in stream:
+            if headers:
+                await context.send_initial_metadata(headers)
+                headers = ()
             if isinstance(event, domain.TextDelta):
                 await context.write(piece(event.text))
             else:
@@ -261,9 +274,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """``llamachat.v1.ChatService`` on an ``Engine``; every call acts for the
     tenant its key names (``keys``: none configured, one tenant for all)."""
 
-    def __init__(self, engine: Engine, keys: KeyRing | None = None) -> None:
+    def __init__(self, engine: Engine, keys: KeyRing | None = None, replica: str = "") -> None:
         self._engine = engine
         self._keys = keys or KeyRing()
+        self.replica_metadata = ((REPLICA_KEY, replica),) if replica else ()
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return tenant_of(self._keys, context)
@@ -293,6 +307,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 usage=usage_of(result),
             ),
             lambda text: chat_pb2.ChatStreamResponse(text=text),
+            self.replica_metadata,
         )
 
     @maps_errors
@@ -322,6 +337,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 tool_calls=tool_calls_of(result),
             ),
             lambda text: chat_pb2.CompleteStreamResponse(text=text),
+            self.replica_metadata,
         )
 
     @maps_errors

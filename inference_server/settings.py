@@ -105,8 +105,10 @@ class ServerSettings(KeySettings):
     )
     session_db: str = Field(
         default="data/sessions.db",
-        description="SQLite file of the session store (relative paths: from the working "
-        "directory); ':memory:' keeps sessions in memory only, lost on restart.",
+        description="The session store: a SQLite file (relative paths: from the working "
+        "directory); ':memory:' keeps sessions in memory only, lost on restart; a "
+        "postgresql://USER:PASSWORD@HOST:PORT/DB URL keeps them in PostgreSQL, shared by "
+        "every core that names it.",
     )
     session_ttl_s: float = Field(
         default=7 * 24 * 3600.0,
@@ -158,6 +160,19 @@ class ServerSettings(KeySettings):
     )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0.0, description="Seconds streams in flight get to finish on shutdown."
+    )
+    replica_name: str | None = Field(
+        default=None,
+        description="The name this core gives itself in the x-core-replica metadata of every "
+        "reply (the gateway's X-Core-Replica header and the replica label of its /metrics). "
+        "Default: HOSTNAME:PORT.",
+    )
+    max_connection_age_s: float = Field(
+        default=300.0,
+        ge=0.0,
+        description="Seconds a client's connection may live; then the core asks the client "
+        "to reconnect (calls in flight finish first), so that clients of a DNS name resolve "
+        "it again and find new replicas. 0: connections live forever.",
     )
     supervisor_restarts: int = Field(
         default=0,

@@ -43,6 +43,13 @@ def resolve_sampling(request: ChatRequest, settings: ServerSettings, n_ctx: int)
             raise InvalidRequest(
                 f"session_id must be at most {MAX_SESSION_ID_BYTES} bytes in UTF-8, got {size}"
             )
+    if request.request_id is not None:
+        size = len(request.request_id.encode("utf-8", "surrogatepass"))
+        if size > MAX_SESSION_ID_BYTES:
+            raise InvalidRequest(
+                f"request_id must be at most {MAX_SESSION_ID_BYTES} bytes in UTF-8, got {size}",
+                param="request_id",
+            )
     return _with_defaults(request.sampling, settings, n_ctx)
 
 

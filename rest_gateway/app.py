@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamachat.v1 import chat_pb2_grpc
 
+from .affinity import ReplicaHeader, session_affinity
 from .auth import ApiKeyAuth
 from .body_limit import BodySizeLimit
+from .core_channel import channel_options, open_channel, open_core_channel, parse_address
 from .disconnect import ClientDisconnected
 from .errors import (
     ApiError,
@@ -34,43 +36,45 @@ from .ollama_routes import JsonBodies
 from .ollama_routes import router as ollama_router
 from .openai_completions import router as completions_router
 from .openai_routes import router as openai_router
+from .replicas import Replicas
 from .routes import SERVICE_NAME, VERSION, router
 from .settings import GatewaySettings
 from .ui import router as ui_router
-
-# Reconnect quickly once the core is back, so the gateway recovers by itself.
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 DESCRIPTION = """REST and Server-Sent Events API of a local llama.cpp chat model.
 
 The gateway calls the gRPC inference core (`llamachat.v1.ChatService`) for every request."""
 
 
-def open_channel(settings: GatewaySettings) -> grpc.aio.Channel:
-    """The channel to the core: TLS when ``GRPC_TLS_CA`` names what to trust."""
-    options = [
-        *RECONNECT_OPTIONS,
-        ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
-    ]
-    if settings.grpc_tls_ca is None:
-        return grpc.aio.insecure_channel(settings.grpc_address, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=settings.grpc_tls_ca.read_bytes())
-    return grpc.aio.secure_channel(settings.grpc_address, credentials, options=options)
-
-
 def create_app(settings: GatewaySettings) -> FastAPI:
-    """The gateway app; its lifespan owns one gRPC channel to the core."""
+    """The gateway app; its lifespan owns the gRPC channel the routes call the
+    core (or its replicas) on, and one channel to each replica for /health
+    and /metrics (see ``core_channel`` and ``replicas``)."""
+    address = parse_address(settings.grpc_address)
+    options = channel_options(
+        max_receive_bytes=settings.grpc_max_receive_bytes,
+        keepalive_s=settings.grpc_keepalive_s,
+        keepalive_timeout_s=settings.grpc_keepalive_timeout_s,
+    )
+    tls_ca = settings.grpc_tls_ca.read_bytes() if settings.grpc_tls_ca else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_channel(settings) as channel:
+        channel = open_core_channel(
+            address, options, tls_ca=tls_ca, interceptors=session_affinity()
+        )
+        replica_options = [*options, *address.replica_options()]
+        replicas = Replicas(
+            address, lambda target: open_channel(target, replica_options, tls_ca=tls_ca)
+        )
+        async with channel:
             app.state.chat_stub = chat_pb2_grpc.ChatServiceStub(channel)
             app.state.health_stub = health_pb2_grpc.HealthStub(channel)
-            yield
+            app.state.replicas = replicas
+            try:
+                yield
+            finally:
+                await replicas.close()
 
     app = FastAPI(
         title=SERVICE_NAME,
@@ -79,7 +83,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = GatewayMetrics(restarts=settings.supervisor_restarts)
+    app.state.metrics = GatewayMetrics(
+        restarts=settings.supervisor_restarts, replicated=address.balanced
+    )
     app.state.started = int(time.time())
     keys = settings.key_ring()
     # The last added runs first: the observer (which sees every answer), the
@@ -98,6 +104,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.add_middleware(TrustedHosts, names=allowed_names(settings.allowed_hosts, settings.host))
     app.add_middleware(RequestObserver, metrics=app.state.metrics)
+    app.add_middleware(ReplicaHeader)
     app.add_exception_handler(grpc.aio.AioRpcError, handle_rpc_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(ClientDisconnected, handle_client_disconnected)

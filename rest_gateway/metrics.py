@@ -5,11 +5,12 @@ The core's metrics (latencies, tokens, KV-cache reuse, running and waiting
 requests, sessions: see ``inference_server/metrics.py``) come from its
 ``GetMetrics`` RPC at each scrape. ``llamachat:core_up`` says whether that
 call worked; when it did not, the gateway's own metrics are still served.
+With many replicas, each one is asked, and each of its series (``core_up``
+too) has a ``replica`` label: the name the replica gives itself.
 """
 
 from __future__ import annotations
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import (
@@ -20,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from llamachat.v1 import chat_pb2
+from .replicas import labelled
 
 PREFIX = "llamachat:"
 # The classic text format, which every Prometheus version scrapes.
@@ -36,7 +37,7 @@ router = APIRouter()
 class GatewayMetrics:
     """The gateway's metrics, in a registry of its own (one per app)."""
 
-    def __init__(self, *, restarts: int = 0) -> None:
+    def __init__(self, *, restarts: int = 0, replicated: bool = False) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             PREFIX + "http_requests_total",
@@ -54,6 +55,7 @@ class GatewayMetrics:
         self._core_up = Gauge(
             PREFIX + "core_up",
             "1 if the inference core answered the last metrics scrape, else 0.",
+            ["replica"] if replicated else [],
             registry=self.registry,
         )
         Gauge(
@@ -74,17 +76,22 @@ class GatewayMetrics:
         own = generate_latest(self.registry).decode("utf-8")
         return own + (core_text or "")
 
+    def replicas_exposition(self, core_texts: list[tuple[str, str | None]]) -> str:
+        """Our metrics, then those of every replica (name, text or ``None``)."""
+        self._core_up.clear()
+        for name, text in core_texts:
+            self._core_up.labels(name).set(0 if text is None else 1)
+        own = generate_latest(self.registry).decode("utf-8")
+        return own + labelled([(name, text) for name, text in core_texts if text is not None])
+
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of the gateway and of the core."""
     state = request.app.state
-    try:
-        reply = await state.chat_stub.GetMetrics(
-            chat_pb2.GetMetricsRequest(),
-            timeout=state.settings.health_timeout_s,
-        )
-        core_text: str | None = reply.text
-    except grpc.aio.AioRpcError:
-        core_text = None
-    return Response(state.metrics.exposition(core_text), media_type=CONTENT_TYPE)
+    scraped = await state.replicas.metrics(state.settings.health_timeout_s)
+    if state.replicas.balanced:
+        text = state.metrics.replicas_exposition([(r.name, text) for r, text in scraped])
+    else:
+        text = state.metrics.exposition(scraped[0][1])
+    return Response(text, media_type=CONTENT_TYPE)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from llamachat.v1 import chat_pb2
 
 from . import openai_schemas as oa
+from .affinity import with_session_key
 from .disconnect import unless_disconnected
 from .errors import ApiError
 from .observe import note
@@ -93,6 +94,7 @@ async def completions(
     """The continuation of ``prompt``; with ``stream: true``, as Server-Sent
     Events of ``text_completion`` objects ending in ``[DONE]``."""
     fields = prompt_fields(body)
+    options = with_session_key(options, body.user)  # X-Session-Id first, then user
     model = await served_model(stub, options)
     require_model(request, body.model, model.id)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.id}

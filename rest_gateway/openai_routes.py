@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import openai_schemas as oa
+from .affinity import with_session_key
 from .disconnect import unless_disconnected
 from .errors import ApiError, detail_of, documented_errors, http_status_for, openai_error
 from .observe import note
@@ -107,6 +108,7 @@ async def chat_completions(
     """A reply to the conversation in ``messages``; with ``stream: true``, as
     Server-Sent Events of ``chat.completion.chunk`` objects ending in ``[DONE]``."""
     fields = completion_fields(body)
+    options = with_session_key(options, body.user)  # X-Session-Id first, then user
     model = await served_model(stub, options)
     require_model(request, body.model, model.id)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
-import grpc
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 
 from . import schemas
+from .affinity import session_header, with_session_key
 from .auth import key_of
 from .disconnect import unless_disconnected
 from .errors import ApiError, documented_errors
@@ -27,6 +28,8 @@ ERRORS = documented_errors(
     {
         400: "Bad request: blank message, value out of range, message too long",
         404: "Session not found",
+        409: "The session is busy, or its history changed while the reply was generated "
+        "(not kept: send it again)",
         413: "Request body over MAX_BODY_BYTES",
         422: "Wrong types or malformed JSON",
         500: "Generation error",
@@ -52,15 +55,29 @@ def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
 
 def call_options(request: Request) -> dict[str, Any]:
     """Deadline and metadata (the caller's API key, which names its tenant) of
-    a call to the core."""
+    a call to the core; the client's ``X-Session-Id`` keys its replica."""
     key = key_of(request.scope)
-    return {
+    options = {
         "timeout": settings_of(request).grpc_deadline_s,
         "metadata": (("authorization", f"Bearer {key}"),) if key else (),
     }
+    return with_session_key(options, session_header(request.headers))
 
 
 Settings = Annotated[GatewaySettings, Depends(settings_of)]
+# A client's id of one turn, sent again with a retry: the core answers the reply
+# it kept for that id instead of generating a second one (its request_id).
+# Without one the gateway makes one, so that its own retries (gRPC's, on
+# UNAVAILABLE, to another core) cannot keep a turn twice either.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes a retried POST /chat or /chat/stream safe: an id of the turn "
+        "(at most 256 bytes, unique within the session, a UUID say); a session that "
+        "already kept a turn with this id answers that reply again, generating nothing.",
+    ),
+]
 CallOptions = Annotated[dict[str, Any], Depends(call_options)]
 ChatStub = Annotated[chat_pb2_grpc.ChatServiceStub, Depends(chat_stub)]
 HealthStub = Annotated[health_pb2_grpc.HealthStub, Depends(health_stub)]
@@ -102,27 +119,21 @@ async def info() -> schemas.InfoResponse:
     response_model_exclude_none=True,
     responses={503: {"model": schemas.HealthResponse, "description": "A chat cannot succeed now"}},
 )
-async def health(stub: HealthStub, chat: ChatStub, settings: Settings) -> Any:
-    """Whether a chat can succeed now: the core is reachable, its model loaded
-    and its session store writable (503 otherwise, with the reason)."""
-    try:
-        reply = await stub.Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=settings.health_timeout_s
-        )
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            return schemas.HealthResponse(status="healthy", model_loaded=True)
-        model = await chat.GetModel(chat_pb2.GetModelRequest(), timeout=settings.health_timeout_s)
-        unhealthy = schemas.HealthResponse(
-            status="unavailable",
-            model_loaded=model.loaded,
-            detail=model.unavailable_reason or "The core is not serving",
-        )
-    except grpc.aio.AioRpcError as error:
-        unhealthy = schemas.HealthResponse(
-            status="unavailable",
-            model_loaded=False,
-            detail=f"The inference core is unreachable: {error.code().name}",
-        )
+async def health(request: Request, settings: Settings) -> Any:
+    """Whether a chat can succeed now: the core (with many replicas: any one)
+    is reachable, its model loaded and its session store writable (503
+    otherwise, with the reason)."""
+    checked = await request.app.state.replicas.health(settings.health_timeout_s)
+    if any(core.serving for core in checked):
+        return schemas.HealthResponse(status="healthy", model_loaded=True)
+    details = [core.detail for core in checked]
+    if len(checked) > 1:
+        details = [f"{core.replica.name}: {core.detail}" for core in checked]
+    unhealthy = schemas.HealthResponse(
+        status="unavailable",
+        model_loaded=any(core.model_loaded for core in checked),
+        detail="; ".join(detail for detail in details if detail) or "No core found",
+    )
     return JSONResponse(status_code=503, content=unhealthy.model_dump(exclude_none=True))
 
 
@@ -132,9 +143,12 @@ async def chat(
     body: schemas.ChatRequest,
     stub: ChatStub,
     options: CallOptions,
+    idempotency_key: IdempotencyKey = None,
 ) -> schemas.ChatResponse:
     """Send a message and receive the complete response."""
-    call = stub.Chat(to_grpc(chat_pb2.ChatRequest, body), **options)
+    message = to_grpc(chat_pb2.ChatRequest, body)
+    message.request_id = idempotency_key or str(uuid.uuid4())
+    call = stub.Chat(message, **options)
     reply = await unless_disconnected(request, call, call)
     note(request, session=reply.session_id, usage=reply.usage)
     return schemas.ChatResponse(
@@ -152,9 +166,12 @@ async def chat_stream(
     body: schemas.ChatRequest,
     stub: ChatStub,
     options: CallOptions,
+    idempotency_key: IdempotencyKey = None,
 ) -> StreamingResponse:
     """Send a message and receive the response as Server-Sent Events."""
-    call = stub.ChatStream(to_grpc(chat_pb2.ChatStreamRequest, body), **options)
+    message = to_grpc(chat_pb2.ChatStreamRequest, body)
+    message.request_id = idempotency_key or str(uuid.uuid4())
+    call = stub.ChatStream(message, **options)
     messages = aiter(call)
     # Errors found before the first piece of text (bad input, model not loaded)
     # still get their own HTTP status, not a 200 stream.

@@ -15,6 +15,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from llamachat_process.logs import LogFormat
 from llamachat_process.tenants import KeySettings
 
+from .core_channel import parse_address
+
 
 class GatewaySettings(KeySettings):
     """Configuration of the REST gateway."""
@@ -27,7 +29,23 @@ class GatewaySettings(KeySettings):
     port: int = Field(default=8002, ge=0, le=65535, description="HTTP port.")
     grpc_address: str = Field(
         default="127.0.0.1:50051",
-        description="Address of the gRPC inference core: HOST:PORT, or unix:PATH.",
+        description="Address of the gRPC inference core: HOST:PORT, or unix:PATH; or of "
+        "many replicas of it: HOST:PORT,HOST:PORT,... (host names resolved once, at "
+        "start) or dns:///NAME:PORT (a name that resolves to every replica, resolved "
+        "again as replicas come and go). Many replicas: each session stays on one.",
+    )
+    grpc_keepalive_s: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="Seconds between keepalive pings to each core (the core allows one a "
+        "second at most).",
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="Seconds a core may take to answer a keepalive ping; past it its "
+        "connection is closed, calls on it fail over (UNAVAILABLE is retried) and a "
+        "session's next turns go to another replica.",
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default=[],
@@ -110,6 +128,12 @@ class GatewaySettings(KeySettings):
         default="text",
         description="Log lines as text, or as JSON objects (json) for log collectors.",
     )
+
+    @field_validator("grpc_address")
+    @classmethod
+    def readable_address(cls, value: str) -> str:
+        parse_address(value)  # raises AddressError, a ValueError, with the reason
+        return value
 
     @field_validator("cors_origins", "allowed_hosts", "model_aliases", mode="before")
     @classmethod

@@ -8,5 +8,18 @@ tests start inherits this; speed is measured by the benchmarks, not here.
 """
 
 import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.postgres_server import PostgresServer
 
 os.environ.setdefault("N_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole test session (tests take a
+    fresh database each: ``postgres.new_database()``)."""
+    with PostgresServer() as server:
+        yield server

@@ -30,9 +30,10 @@ from inference_server.domain import (
 )
 from inference_server.errors import EngineNotReady, Overloaded
 from inference_server.llama_runtime import BatchEntry, LlamaRuntime, Sampler
-from inference_server.sessions import Retention, SqliteSessionStore
+from inference_server.sessions import Retention
+from inference_server.sqlite_sessions import SqliteSessionStore
 
-from .runtimes import RecordingRuntime
+from .runtimes import NoRestoreRuntime, RecordingRuntime
 
 QUESTIONS = [
     "Name a planet.",

@@ -19,8 +19,9 @@ from inference_server.engine import LlamaEngine
 from inference_server.errors import EngineFailed, SessionStoreError
 from inference_server.llama_runtime import llama_system_info
 from inference_server.model_files import default_model_path
-from inference_server.sessions import Retention, SqliteSessionStore
+from inference_server.sessions import Retention
 from inference_server.settings import ServerSettings
+from inference_server.sqlite_sessions import SqliteSessionStore
 from llamachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers import free_port
 

@@ -1,23 +1,33 @@
-"""Both session stores keep the same promises; the SQLite one also keeps them
-across a reopen (the crash test with real processes: tests/e2e/test_reliability.py)."""
+"""Every session store (in memory, SQLite, PostgreSQL) keeps the same
+promises; the SQLite one also keeps them across a reopen (the crash test with
+real processes: tests/e2e/test_reliability.py; PostgreSQL's own:
+test_postgres_sessions.py)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from inference_server.domain import Exchange
-from inference_server.errors import InvalidRequest, SessionNotFound, SessionStoreError
+from inference_server.errors import (
+    HistoryChanged,
+    InvalidRequest,
+    SessionNotFound,
+    SessionStoreError,
+)
+from inference_server.postgres_sessions import PostgresSessionStore
 from inference_server.sessions import (
     InMemorySessionStore,
+    RequestRecord,
     Retention,
     SessionStore,
-    SqliteSessionStore,
+    StoredReply,
     open_session_store,
 )
+from inference_server.sqlite_sessions import SqliteSessionStore
 
 
 class Clock:
@@ -31,17 +41,31 @@ class Clock:
 StoreFactory = Callable[..., SessionStore]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def make_store(request, tmp_path: Path) -> StoreFactory:
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def make_store(request, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Stores of one kind; those made in one test share their database."""
+    opened: list[SessionStore] = []
+    database: list[str] = []
+
     def make(
         window: int = 3, max_sessions: int = 100, ttl_s: float = 0, clock=None, max_bytes=1 << 20
     ) -> SessionStore:
         retention = Retention(window, max_sessions, ttl_s, clock or Clock(), max_bytes)
+        store: SessionStore
         if request.param == "memory":
-            return InMemorySessionStore(retention)
-        return SqliteSessionStore(tmp_path / "sessions.db", retention)
+            store = InMemorySessionStore(retention)
+        elif request.param == "sqlite":
+            store = SqliteSessionStore(tmp_path / "sessions.db", retention)
+        else:
+            if not database:
+                database.append(request.getfixturevalue("postgres").new_schema())
+            store = PostgresSessionStore(database[0], retention)
+        opened.append(store)
+        return store
 
-    return make
+    yield make
+    for store in opened:
+        store.close()
 
 
 T = "default"  # the tenant of the tests that have one
@@ -308,3 +332,119 @@ def test_cursors_count_per_tenant_and_tell_nothing_of_others(make_store: StoreFa
     for n in range(50):
         store.append("globex", f"g{n}", turn(n))  # another tenant's traffic
     assert store.list_sessions("acme", 1).next_cursor == first.next_cursor == "1"
+
+
+def test_a_read_gives_the_history_with_its_version(make_store: StoreFactory):
+    store = make_store()
+    unknown = store.read(T, "s")
+    assert (unknown.exchanges, unknown.version, unknown.replay) == ([], 0, None)
+    store.append(T, "s", turn(0), expected_version=0)
+    first = store.read(T, "s")
+    store.append(T, "s", turn(1), expected_version=first.version)
+    second = store.read(T, "s")
+    assert first.exchanges == [turn(0)] and second.exchanges == [turn(0), turn(1)]
+    assert 0 < first.version < second.version
+
+
+def test_a_clear_between_the_read_and_the_append_keeps_nothing(make_store: StoreFactory):
+    store = make_store()
+    store.append(T, "s", turn(0))
+    prompt_built_from = store.read(T, "s")
+    store.delete(T, "s")
+    with pytest.raises(HistoryChanged, match="history changed"):
+        store.append(T, "s", turn(1), expected_version=prompt_built_from.version)
+    assert store.history(T, "s") is None and ids(store) == []
+
+
+def test_another_turn_between_the_read_and_the_append_wins(make_store: StoreFactory):
+    store = make_store()
+    store.append(T, "s", turn(0))
+    mine = store.read(T, "s")
+    store.append(T, "s", turn(1), expected_version=store.read(T, "s").version)  # another
+    with pytest.raises(HistoryChanged):
+        store.append(T, "s", turn(2), expected_version=mine.version)
+    assert store.history(T, "s") == [turn(0), turn(1)]
+
+
+def test_a_new_session_made_meanwhile_refuses_a_turn_built_on_none(make_store: StoreFactory):
+    store = make_store()
+    store.append(T, "s", turn(1))  # another replica made it after my read found none
+    with pytest.raises(HistoryChanged):
+        store.append(T, "s", turn(2), expected_version=0)
+    assert store.history(T, "s") == [turn(1)]
+
+
+def test_a_cleared_and_remade_session_never_has_its_old_version(make_store: StoreFactory):
+    store = make_store()
+    store.append(T, "s", turn(0))
+    old = store.read(T, "s")
+    store.delete(T, "s")
+    store.append(T, "s", turn(9))  # as many exchanges as before, a new conversation
+    assert store.read(T, "s").version != old.version
+    with pytest.raises(HistoryChanged):
+        store.append(T, "s", turn(1), expected_version=old.version)
+
+
+def test_a_request_id_is_answered_its_kept_reply_and_never_kept_twice(
+    make_store: StoreFactory,
+):
+    store = make_store()
+    record = RequestRecord("req-1", "length", 7)
+    store.append(T, "s", turn(0), expected_version=0, request=record)
+    retry = store.read(T, "s", "req-1")
+    assert retry.replay == StoredReply("answer 0", "length", 7, "question 0")
+    assert store.read(T, "s", "req-2").replay is None
+    assert store.read("other", "s", "req-1").replay is None  # ids are per session
+    with pytest.raises(HistoryChanged):
+        store.append(T, "s", turn(0), expected_version=retry.version, request=record)
+    assert store.history(T, "s") == [turn(0)]
+
+
+def test_a_request_id_is_forgotten_with_its_exchange(make_store: StoreFactory):
+    store = make_store(window=2)
+    store.append(T, "s", turn(0), request=RequestRecord("old", "stop", 2))
+    store.append(T, "s", turn(1))
+    assert store.read(T, "s", "old").replay is not None
+    store.append(T, "s", turn(2))  # turn 0 leaves the window, its id with it
+    assert store.read(T, "s", "old").replay is None
+
+
+def test_texts_with_nul_and_any_unicode_are_kept_as_they_came(make_store: StoreFactory):
+    store = make_store()
+    odd = Exchange("a\x00b \U0001f600 \u00e9", "\x00")
+    store.append(T, "id \x00 \u00e9", odd, request=RequestRecord("r\x00", "stop", 1))
+    assert store.history(T, "id \x00 \u00e9") == [odd]
+    assert store.read(T, "id \x00 \u00e9", "r\x00").replay == StoredReply(
+        "\x00", "stop", 1, "a\x00b \U0001f600 \u00e9"
+    )
+    assert ids(store) == ["id \x00 \u00e9"]
+
+
+def test_a_store_of_the_second_schema_gets_versions_and_request_ids(tmp_path: Path):
+    path = tmp_path / "v2.db"
+    store = SqliteSessionStore(path, Retention(5, 10, 0))
+    store.append(T, "a", turn(0))
+    store.close()
+    old = sqlite3.connect(path, isolation_level=None)  # back to version 2, as it was
+    old.executescript(
+        """
+        BEGIN;
+        DROP INDEX exchanges_by_request;
+        DROP TABLE versions;
+        ALTER TABLE exchanges DROP COLUMN request_id;
+        ALTER TABLE exchanges DROP COLUMN finish_reason;
+        ALTER TABLE exchanges DROP COLUMN completion_tokens;
+        ALTER TABLE sessions DROP COLUMN version;
+        PRAGMA user_version = 2;
+        COMMIT;
+        """
+    )
+    old.close()
+    store = SqliteSessionStore(path, Retention(5, 10, 0))
+    before = store.read(T, "a")
+    assert before.exchanges == [turn(0)] and before.version > 0
+    store.append(
+        T, "a", turn(1), expected_version=before.version, request=RequestRecord("r", "stop", 1)
+    )
+    assert store.read(T, "a", "r").replay == StoredReply("answer 1", "stop", 1, "question 1")
+    assert store.read(T, "a").version > before.version
