@@ -98,4 +98,4 @@ def main(argv: list[str] | None = None, prog: str = "llamachat") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m clients"))
+    sys.exit(main(prog=f"python -m {__package__}"))

@@ -32,7 +32,8 @@ def parse_settings(argv: list[str]) -> ServerSettings:
     is not a flag is the model path, as in ``api_service.py [model_path]``."""
     if argv and not argv[0].startswith("-"):
         argv = ["--model-path", argv[0], *argv[1:]]
-    return ServerSettings(_cli_parse_args=argv, _cli_prog_name=program_name("inference_server"))
+    prog = program_name(__package__ or "inference_server")
+    return ServerSettings(_cli_parse_args=argv, _cli_prog_name=prog)
 
 
 async def follow_health(core: CoreServer, engine: LlamaEngine) -> None:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_or_exit(
         lambda: GatewaySettings(
             _cli_parse_args=sys.argv[1:] if argv is None else argv,
-            _cli_prog_name=program_name("rest_gateway"),
+            _cli_prog_name=program_name(__package__ or "rest_gateway"),
         )
     )
     configure_logging(settings.log_level, settings.log_format)

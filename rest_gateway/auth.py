@@ -22,6 +22,7 @@ from .errors import error_response
 PUBLIC_PATHS = frozenset(
     {"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/metrics"}
 )
+PUBLIC_PREFIX = "/ui/static/"  # the web page's script, style and libraries
 KEY_STATE = "api_key"
 
 
@@ -51,7 +52,12 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         key = presented_key(Headers(scope=scope))
-        if scope["path"] in PUBLIC_PATHS or self.keys.tenant_for(key) is not None:
+        path = scope["path"]
+        if (
+            path in PUBLIC_PATHS
+            or path.startswith(PUBLIC_PREFIX)
+            or self.keys.tenant_for(key) is not None
+        ):
             scope.setdefault("state", {})[KEY_STATE] = key
             await self.app(scope, receive, send)
             return

@@ -33,7 +33,7 @@ from llamachat_process.supervisor import STOP_MARGIN_S, RestartPolicy, Superviso
 
 from .settings import GatewaySettings
 
-# Where this package was imported from: a checkout's root, or site-packages.
+# Where this package was imported from: a checkout's root, or site-packages/llamachat.
 PACKAGES_ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("llamachat.serve")
@@ -52,6 +52,14 @@ def child_env() -> dict[str, str]:
             p for p in (str(PACKAGES_ROOT), os.environ.get("PYTHONPATH")) if p
         )
     return env
+
+
+def module_name(package: str) -> str:
+    """The sibling package ``package`` under the name this one was imported as:
+    ``inference_server`` from a checkout, ``llamachat.inference_server`` from
+    an installed copy (pip installs the packages under ``llamachat``)."""
+    namespace = (__package__ or "").rpartition(".")[0]
+    return f"{namespace}.{package}" if namespace else package
 
 
 def installed() -> bool:
@@ -90,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     policy = settings_or_exit(RestartPolicy)
     supervisor = Supervisor(policy, gateway.shutdown_grace_s + STOP_MARGIN_S)
     try:
-        supervisor.add("core", [sys.executable, "-m", "inference_server", *model], env)
-        supervisor.add("gateway", [sys.executable, "-m", "rest_gateway"], env)
+        core = [sys.executable, "-m", module_name("inference_server"), *model]
+        supervisor.add("core", core, env)
+        supervisor.add("gateway", [sys.executable, "-m", module_name("rest_gateway")], env)
         url = f"http://{gateway.host}:{gateway.port}"
         print(f"LLaMA Chat API starting on {url} (Ctrl-C stops it)", flush=True)
         gave_up = supervisor.run(lambda: stopping)
