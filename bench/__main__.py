@@ -5,8 +5,8 @@ Everything runs on the same model and machine, one thing at a time:
 
 1. single-stream decode tokens/s: llama-cpp-python's high-level call, the
    service through gRPC and through REST/SSE (and llama.cpp's server);
-2. time to first token at turns 1..6 of a session, alone and with 4
-   sessions interleaved;
+2. time to first token of a new session's first turn, and at turns 1..6 of
+   a session, alone and with 4 sessions interleaved;
 3. total tokens/s and p50/p95 time to first token and inter-token latency at
    1, 2, 4, 8 concurrent streams, beside llama.cpp's own batched decode.
 
@@ -71,6 +71,17 @@ def single_stream(target: Target, *, tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def first_turn_ttft(target: Target, *, sessions: int, max_tokens: int) -> float:
+    """Median time to first token of a new session's first turn, one new
+    session after another (each its own person, so no prompt repeats)."""
+    values = [
+        target.turn(str(uuid.uuid4()), TURNS[0].format(f"{name}{i}", hobby), max_tokens).ttft
+        for i in range(sessions)
+        for name, hobby in PEOPLE
+    ]
+    return statistics.median(values)
+
+
 def ttft_by_turn(target: Target, *, sessions: int, max_tokens: int) -> list[float]:
     """Median time to first token at each turn, with ``sessions`` sessions
     taking their turns round-robin (1: one session alone)."""
@@ -118,6 +129,7 @@ def measure(target: Target, args: argparse.Namespace, *, streams: bool = True) -
         "single_stream_tokens_per_s": single_stream(
             target, tokens=args.tokens, repeats=args.repeats
         ),
+        "first_turn_ttft_s": first_turn_ttft(target, sessions=2, max_tokens=args.turn_tokens),
         "ttft_by_turn_alone_s": ttft_by_turn(target, sessions=1, max_tokens=args.turn_tokens),
         "ttft_by_turn_4_interleaved_s": ttft_by_turn(
             target, sessions=4, max_tokens=args.turn_tokens
@@ -185,35 +197,69 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def figures(report: dict, system: str) -> dict[str, float]:
+    """The four figures the service is compared on, for one served system."""
+    result = report[system]
+    levels = result["concurrency"]
+    turns = result["ttft_by_turn_4_interleaved_s"]
+    return {
+        "first_turn_ttft_ms": result["first_turn_ttft_s"] * 1000,
+        "decode_over_direct": result["single_stream_tokens_per_s"]
+        / report["high_level"]["single_stream_tokens_per_s"],
+        "streams_8_over_1": levels[8]["total_tokens_per_s"] / levels[1]["total_tokens_per_s"],
+        "turn6_over_turn1": turns[5] / turns[0],
+    }
+
+
+FIGURES = [
+    ("first_turn_ttft_ms", "TTFT of a new session's first turn (ms)"),
+    ("decode_over_direct", "single-stream decode via HTTP / llama-cpp-python direct"),
+    ("streams_8_over_1", "total tokens/s, 8 concurrent streams / 1 stream"),
+    ("turn6_over_turn1", "TTFT turn 6 / turn 1, 4 sessions interleaved"),
+]
+
+
 def goals(report: dict) -> list[tuple[str, float, float]]:
-    """(goal, measured ratio, required ratio)."""
-    rest = report["service_rest"]
-    single = rest["single_stream_tokens_per_s"]
-    turns = rest["ttft_by_turn_4_interleaved_s"]
-    levels = rest["concurrency"]
-    rows = [
+    """(goal, measured ratio, required ratio; a negative one is an upper bound)."""
+    ours = figures(report, "service_rest")
+    rows = [("TTFT turn 6 / turn 1, 4 sessions interleaved", ours["turn6_over_turn1"], -1.5)]
+    if "llama_server" not in report:  # no reference server: the bounds it was measured at
+        return [
+            ("REST/SSE decode / llama-cpp-python direct", ours["decode_over_direct"], 1.02),
+            ("8 streams / 1 stream, total tokens/s", ours["streams_8_over_1"], 1.75),
+            *rows,
+        ]
+    theirs = figures(report, "llama_server")
+    return [
         (
-            "REST/SSE decode / llama-cpp-python high-level",
-            single / report["high_level"]["single_stream_tokens_per_s"],
-            1.05,
+            "first-turn TTFT, llama.cpp server / service",
+            theirs["first_turn_ttft_ms"] / ours["first_turn_ttft_ms"],
+            1.0,
         ),
-        ("TTFT turn 6 / turn 1, 4 sessions interleaved", turns[5] / turns[0], -1.5),
         (
-            "8 streams / 1 stream, total tokens/s",
-            levels[8]["total_tokens_per_s"] / levels[1]["total_tokens_per_s"],
-            1.6,
+            "decode/direct, service / llama.cpp server",
+            ours["decode_over_direct"] / theirs["decode_over_direct"],
+            1.0,
         ),
+        (
+            "8/1 streams ratio, service / llama.cpp server",
+            ours["streams_8_over_1"] / theirs["streams_8_over_1"],
+            1.0,
+        ),
+        *rows,
     ]
+
+
+def comparison(report: dict) -> list[str]:
+    """The four figures side by side with llama.cpp's server (when measured)."""
+    systems = [("service", "service_rest")]
     if "llama_server" in report:
-        rows.insert(
-            0,
-            (
-                "REST/SSE decode / llama.cpp server",
-                single / report["llama_server"]["single_stream_tokens_per_s"],
-                1.0,
-            ),
-        )
-    return rows
+        systems.append(("llama.cpp server", "llama_server"))
+    measured = [figures(report, key) for _, key in systems]
+    lines = ["", f"  {'figure':58} " + " ".join(f"{name:>16}" for name, _ in systems)]
+    for key, label in FIGURES:
+        lines.append(f"  {label:58} " + " ".join(f"{m[key]:16.2f}" for m in measured))
+    return lines
 
 
 def table(report: dict) -> str:
@@ -231,6 +277,9 @@ def table(report: dict) -> str:
         f"  {'llama.cpp C API, batch of 1':32} "
         f"{report['llama_cpp_batched_decode_tokens_per_s'][1]:7.1f}"
     )
+    lines += ["", "Time to first token (ms) of a new session's first turn (median)"]
+    for name, result in systems:
+        lines.append(f"  {name:32} {result['first_turn_ttft_s'] * 1000:7.0f}")
     lines += ["", "Time to first token (ms) at turns 1..6"]
     for name, result in systems:
         for key, label in (
@@ -256,6 +305,7 @@ def table(report: dict) -> str:
     lines += ["", "Logits of one prompt, largest difference from one batch (llama.cpp alone)"]
     for way, diff in report["logit_shape_dependence"].items():
         lines.append(f"  {way:32} {diff:.6f}")
+    lines += ["", "The service and llama.cpp's server, side by side", *comparison(report)]
     lines += ["", "Goals (ratios in this run)"]
     for goal, ratio, required in goals(report):
         met = ratio <= -required if required < 0 else ratio >= required

@@ -154,6 +154,8 @@ def llama_server(
             "--batch-size",
             "512",
             "--no-webui",
+            "--n-gpu-layers",  # as the service: every layer on a GPU when built for one
+            "999",
         ]
         from .repack import use_extra_buffer_types  # loads llama.cpp: only here
 

@@ -186,6 +186,7 @@ class HighLevelLlama(_ClientHistory):
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_batch=512,
+                n_gpu_layers=-1,  # as the service: every layer on a GPU when built for one
                 verbose=False,
             )
 

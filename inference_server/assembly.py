@@ -40,6 +40,8 @@ def load_runtime(
     )
     log.info("chat template's tool format: %s", runtime.tool_format)
     log.info("model buffers: %s", ", ".join(runtime.model_buffers) or "none reported")
+    if runtime.offloaded_layers is not None:
+        log.info("layers offloaded to the GPU: %s", runtime.offloaded_layers)
     return runtime
 
 

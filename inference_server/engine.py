@@ -107,6 +107,7 @@ class LlamaEngine:
             load_runtime,
             saved_state_bytes=settings.kv_cache_ram_mib * 1024 * 1024,
             on_failure=self._scheduler_failed,
+            shared_start=self._conversation_start,
         )
         self._runtime: LlamaRuntime | None = None
         """The model while it serves (``None`` while loading, once failed or closing)."""
@@ -145,6 +146,12 @@ class LlamaEngine:
         self._health_changes()
         if self._settings.session_ttl_s:
             self._expiry = asyncio.create_task(self._expire_sessions())
+
+    @property
+    def shared_start_tokens(self) -> int:
+        """How many prompt tokens every new conversation finds cached (the chat
+        template's preamble and the system prompt), once loaded."""
+        return self._scheduler.shared_start_tokens
 
     def _scheduler_failed(self, failure: EngineFailed) -> None:
         """On the scheduler's thread, as it ends on an unexpected error."""
@@ -285,6 +292,14 @@ class LlamaEngine:
             messages.append({"role": "assistant", "content": exchange.assistant})
         messages.append({"role": "user", "content": message})
         return messages
+
+    def _conversation_start(self, runtime: Runtime) -> list[int]:
+        """The tokens every new conversation's prompt begins with: what the
+        chat template renders before the first user message's text, the
+        system prompt included (from the settings, never from a user)."""
+        llama = cast(LlamaRuntime, runtime)
+        one, other = (llama.tokenize_chat(self._messages([], text)) for text in ("a", "b"))
+        return one[: common_prefix_length(one, other)]
 
     @staticmethod
     def _tokenize_conversation(

@@ -70,6 +70,7 @@ PIECE_BUFFER_BYTES = 256
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _LOG_CONT = 5
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([\d.]+) MiB")
+_OFFLOAD_LINE = re.compile(r"offloaded (\d+/\d+) layers to GPU")
 
 
 class TemplateMangles(ValueError):
@@ -87,13 +88,15 @@ PROBE_CONVERSATION = [
 class _LlamaLog:
     """llama.cpp's log, whose callback is one for the whole process: warnings
     and errors go to the ``llama.cpp`` logger, and the lines that say which
-    buffer type each part of a model was loaded into are kept (``buffers``)."""
+    buffer type each part of a model was loaded into are kept (``buffers``),
+    with how many layers went to a GPU (``offloaded``, ``"31/31"``)."""
 
     def __init__(self) -> None:
         self._log = logging.getLogger("llama.cpp")
         self._line = ""
         self._level = logging.INFO
         self.buffers: list[str] = []
+        self.offloaded: str | None = None
         # Kept referenced: llama.cpp calls it for as long as the process runs.
         self.callback = llama_cpp.llama_log_callback(self._on_text)
 
@@ -105,6 +108,8 @@ class _LlamaLog:
             line, self._line = self._line.split("\n", 1)
             if match := _BUFFER_LINE.search(line):
                 self.buffers.append(f"{match[1]} {match[2]} MiB")
+            elif match := _OFFLOAD_LINE.search(line):
+                self.offloaded = match[1]
             if self._level >= logging.WARNING and line.strip():
                 self._log.log(self._level, "%s", line.strip())
 
@@ -233,12 +238,14 @@ class LlamaRuntime:
         # Weight repacking into the CPU's extra buffer types (AMX, CPU_REPACK):
         # see cpu_features.py for when it must be off.
         model_params.use_extra_bufts = extra_buffer_types
-        logged = len(llama_log.buffers)
+        logged, llama_log.offloaded = len(llama_log.buffers), None
         self._model = llama_cpp.llama_model_load_from_file(model_path.encode(), model_params)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {model_path}")
         self.model_buffers = llama_log.buffers[logged:]
         """Where the weights went, as llama.cpp said: ``["CPU_Mapped 98.5 MiB", ...]``."""
+        self.offloaded_layers = llama_log.offloaded
+        """Layers on a GPU over all, as llama.cpp said (``None``: it said nothing)."""
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
 
         threads = n_threads or os.cpu_count() or 1

@@ -21,6 +21,12 @@ An unexpected error on the thread (one that no job can be blamed for) ends
 it: every job gets ``EngineFailed`` and ``on_failure`` is called, so that the
 process can say it no longer serves and exit to be restarted.
 
+Before its first step it may evaluate a *shared start*: the tokens that
+every new conversation begins with (a chat template's preamble and the system
+prompt, which the engine derives from the server's settings, never from what
+a user sent); ``SlotTable`` copies their cells into each new conversation's
+slot, which then evaluates only the rest of its prompt.
+
 It knows nothing of asyncio, gRPC or HTTP: jobs carry plain callbacks that the
 engine points at its event loop.
 """
@@ -189,8 +195,10 @@ class BatchScheduler:
         *,
         saved_state_bytes: int,
         on_failure: Callable[[EngineFailed], None] | None = None,
+        shared_start: Callable[[Runtime], list[int]] | None = None,
     ) -> None:
         self._load_runtime = load_runtime
+        self._shared_start = shared_start
         self._saved_state_bytes = saved_state_bytes
         self._on_failure = on_failure
         self.failure: BaseException | None = None
@@ -204,6 +212,8 @@ class BatchScheduler:
         """Jobs in a slot, as of the last step (read from any thread)."""
         self.waiting = 0
         """Jobs waiting for a slot, as of the last step (read from any thread)."""
+        self.shared_start_tokens = 0
+        """How many tokens the shared start kept (0: none), once loaded."""
         self._thread = threading.Thread(target=self._run, name="llama-scheduler", daemon=True)
 
     # --- any thread ------------------------------------------------------------
@@ -249,8 +259,15 @@ class BatchScheduler:
         except BaseException as error:  # handed to the waiting engine
             self._loaded.set_exception(error)
             return
-        self._loaded.set_result(runtime)
         slots = SlotTable(runtime, saved_state_bytes=self._saved_state_bytes)
+        if self._shared_start is not None:
+            try:
+                self._evaluate_shared_start(runtime, slots, self._shared_start(runtime))
+            except BaseException as error:  # as a model that does not load
+                runtime.close()
+                self._loaded.set_exception(error)
+                return
+        self._loaded.set_result(runtime)
         waiting: deque[Job] = deque()
         running: list[_Running] = []
         failure: EngineFailed | None = None
@@ -299,6 +316,29 @@ class BatchScheduler:
             if failure is None:
                 runtime.close()
             # Else the engine frees it once no other thread tokenizes with it.
+
+    def _evaluate_shared_start(self, runtime: Runtime, slots: SlotTable, tokens: list[int]) -> None:
+        """Evaluate the tokens every new conversation begins with once, before
+        any job, for ``SlotTable`` to copy into the slot of each new one.
+
+        Nothing is lost when llama.cpp refuses: each prompt is then evaluated
+        in full, as it would be without a shared start.
+        """
+        slot = slots.slots[0]
+        try:
+            for start in range(0, len(tokens), runtime.n_batch):
+                chunk = tokens[start : start + runtime.n_batch]
+                runtime.decode(
+                    [BatchEntry(t, start + i, slot.sequence, False) for i, t in enumerate(chunk)]
+                )
+        except (NoKvSlot, DecodeFailed) as error:
+            log.warning("the shared start of conversations is not kept: %s", error)
+            slots.invalidate(slot)
+            return
+        slot.tokens = list(tokens)
+        slots.keep_shared_start(slot)
+        self.shared_start_tokens = len(tokens)
+        log.info("%d tokens that every new conversation begins with are kept", len(tokens))
 
     def _settle_cancelled(self, waiting: deque[Job], running: list[_Running]) -> None:
         for job in [job for job in waiting if job.cancelled.is_set()]:

@@ -8,7 +8,10 @@ dropped first) and restored when their session comes back. A job with no
 slot of its own first looks for an idle slot that no session holds and whose
 cells begin as its prompt does (a stateless completion's previous turn), among
 the slots its own tenant used last: whether a prompt was cached must never
-tell one tenant what another sent.
+tell one tenant what another sent. A slot that holds nothing (taken anew, or
+emptied after a failure) gets the cells of the shared start
+(``keep_shared_start``) when its prompt begins with those tokens: they come
+from the server's settings, so they tell nobody anything.
 
 Used only on the scheduler's thread.
 """
@@ -77,6 +80,7 @@ class SlotTable:
         self._saved_bytes = 0
         self._budget = saved_state_bytes
         self._clock = itertools.count(1)
+        self._shared_start: _SavedState | None = None
 
     @property
     def saved_sessions(self) -> list[SessionKey]:
@@ -109,6 +113,8 @@ class SlotTable:
                     self._restore(slot, session, saved)
                 slot.session = session
         if slot is not None:
+            if not slot.tokens and (start := self._shared_start_of(prompt)) is not None:
+                self._restore(slot, session, start)
             slot.busy = True
             slot.last_used = next(self._clock)
         return slot
@@ -135,6 +141,21 @@ class SlotTable:
         }
         worth = [s for s in self.slots if id(s) in shared and 2 * shared[id(s)] >= len(s.tokens)]
         return max(worth, key=lambda s: (shared[id(s)], s.last_used), default=None)
+
+    def keep_shared_start(self, slot: Slot) -> None:
+        """Keep a copy of ``slot``'s cells as the start of every new
+        conversation whose prompt begins with its tokens; the slot is emptied."""
+        self._shared_start = _SavedState(
+            list(slot.tokens), self._memory.save_sequence(slot.sequence)
+        )
+        self.invalidate(slot)
+
+    def _shared_start_of(self, prompt: Sequence[int]) -> _SavedState | None:
+        """The shared start, if ``prompt`` begins with it."""
+        start = self._shared_start
+        if start is None or list(prompt[: len(start.tokens)]) != start.tokens:
+            return None
+        return start
 
     def reuse_prefix(self, slot: Slot, prompt: list[int]) -> int:
         """Keep the cached tokens that begin ``prompt`` and drop the rest;

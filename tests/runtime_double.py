@@ -5,7 +5,8 @@ token; token ``t`` stands for the text ``pieces[t]`` (``"<t>"`` unless given).
 Every batch is checked as llama.cpp would (at most ``n_batch`` tokens, each
 sequence's positions following on from its cells) and recorded. The failures
 llama.cpp can report are switched on per test: ``no_room`` (``llama_decode``
-returning 1), ``cuts`` (``llama_memory_seq_rm`` refusing a partial cut) and
+returning 1), ``cuts`` (``llama_memory_seq_rm`` refusing a partial cut), ``restores``
+(``llama_state_seq_set_data`` refusing a saved state) and
 ``sample_error`` (an unexpected error on the scheduler's thread).
 """
 
@@ -51,6 +52,7 @@ class ScriptedRuntime:
         self.samplers: list[ScriptedSampler] = []
         self.no_room: Callable[[Sequence[BatchEntry]], bool] = lambda entries: False
         self.cuts = True
+        self.restores = True
         self.sample_error: Exception | None = None
         self.closed = False
 
@@ -93,10 +95,13 @@ class ScriptedRuntime:
         return True
 
     def save_sequence(self, sequence: int) -> bytes:
-        return bytes(8)
+        return self.cells[sequence].to_bytes(8, "little")
 
     def restore_sequence(self, sequence: int, state: bytes) -> bool:
-        return False
+        if not self.restores:
+            return False
+        self.cells[sequence] = int.from_bytes(state, "little")
+        return True
 
     def evaluated(self, sequence: int) -> int:
         """Tokens of one sequence evaluated so far, in all batches."""

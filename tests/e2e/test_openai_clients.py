@@ -78,7 +78,9 @@ def test_parse_with_a_pydantic_model_returns_a_parsed_object(client: openai.Open
     assert isinstance(parsed, Person) and parsed.name
 
 
-def test_a_hundred_json_schema_replies_all_parse_and_validate(service: Service):
+def test_many_json_schema_replies_all_parse_and_validate(service: Service):
+    # 32 replies, 8 per schema, half greedy and half sampled with their own seeds
+    # (100 took 50 s of the suite; the grammar decides validity, not the count).
     async def one(client: openai.AsyncOpenAI, index: int) -> tuple[type[BaseModel], str, str]:
         async with within_capacity:
             return await ask(client, index)
@@ -103,7 +105,7 @@ def test_a_hundred_json_schema_replies_all_parse_and_validate(service: Service):
 
     async def all_replies() -> list[tuple[type[BaseModel], str, str]]:
         async with openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="x") as client:
-            return await asyncio.gather(*(one(client, index) for index in range(100)))
+            return await asyncio.gather(*(one(client, index) for index in range(32)))
 
     replies = asyncio.run(all_replies())
     invalid = []

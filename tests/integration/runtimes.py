@@ -30,15 +30,16 @@ class RecordingRuntime(LlamaRuntime):
 
 
 class FailingRuntime(LlamaRuntime):
-    """The real runtime, whose third decode fails (after the prompt and one
-    generated token: two pieces of a reply are out by then)."""
+    """The real runtime, whose third decode of a job fails (after the prompt
+    and one generated token: two pieces of a reply are out by then). The
+    shared start, which asks for no logits, is not counted."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.decodes = 0
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
-        self.decodes += 1
+        self.decodes += any(entry.wants_logits for entry in entries)
         if self.decodes == 3:
             raise DecodeFailed("llama_decode failed with status -3")
         super().decode(entries)
@@ -65,3 +66,11 @@ class CrashingRuntime(LlamaRuntime):
         if self.samples >= 4:
             raise ValueError("an unexpected error while sampling")
         return super().sample(sampler, batch_index)
+
+
+class NoRestoreRuntime(LlamaRuntime):
+    """The real runtime, whose ``llama_state_seq_set_data`` is refused: every
+    prompt is evaluated from its first token, as before the shared start."""
+
+    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+        return False

@@ -23,7 +23,10 @@ import pytest
 
 from inference_server.domain import (
     ChatRequest,
+    CompletionRequest,
     FinishReason,
+    Message,
+    Role,
     Sampling,
     SamplingParams,
     TextDelta,
@@ -91,13 +94,42 @@ def replay(runtime: LlamaRuntime, chunks: list[list[int]], n_tokens: int) -> str
     return text.decode("utf-8", errors="replace")
 
 
+async def test_a_new_conversation_begins_from_the_shared_start_and_answers_as_before(
+    make_engine,
+):
+    # The default template's preamble (SmolLM2 adds its own system prompt),
+    # and an operator's SYSTEM_PROMPT.
+    for settings in ({}, {"system_prompt": "You are a terse assistant."}):
+        shared = await make_engine(**settings)
+        every_token = await make_engine(NoRestoreRuntime, **settings)
+        for question in QUESTIONS[:3]:
+            reply = await shared.chat(ask(question))
+            cold = await every_token.chat(ask(question))
+            assert cold.cached_prompt_tokens == 0
+            assert 0 < reply.cached_prompt_tokens < reply.prompt_tokens
+            assert reply.text == cold.text
+            if settings:
+                continue  # SYSTEM_PROMPT is for sessions: OpenAI clients send their own
+            # The stateless path too (no slot of its tenant shares its prompt).
+            stateless = await shared.complete(
+                CompletionRequest(
+                    messages=(Message(Role.USER, question),),
+                    sampling=SamplingParams(temperature=0.0, max_tokens=24),
+                    tenant=f"tenant of {question}",
+                )
+            )
+            assert stateless.cached_prompt_tokens == reply.cached_prompt_tokens
+            assert stateless.text == cold.text
+
+
 async def test_a_turn_from_the_cached_prefix_evaluates_only_what_is_new(make_engine, tokenizer):
     engine = await make_engine(RecordingRuntime)
     first = await engine.chat(ask("My name is Alice and I love astronomy.", "s"))
     before = engine._runtime.evaluated(0)
     second = await engine.chat(ask("What do I love?", "s"))
-    assert first.cached_prompt_tokens == 0
-    assert 0 < second.cached_prompt_tokens < second.prompt_tokens
+    start = engine.shared_start_tokens
+    assert 0 < first.cached_prompt_tokens == start  # the template's preamble
+    assert start < second.cached_prompt_tokens < second.prompt_tokens
     # The cache holds the first prompt and the reply as generated: all but the
     # template's end-of-turn tokens and the new message are reused.
     assert second.cached_prompt_tokens >= first.prompt_tokens + first.completion_tokens - 1
@@ -110,9 +142,10 @@ async def test_a_turn_from_the_cached_prefix_evaluates_only_what_is_new(make_eng
         - unevaluated_last
     )
 
-    # llama.cpp alone, from scratch, in the same shapes (first prompt in one
-    # batch, the reply a token at a time as generated, then the rest in one
-    # batch) gives the same reply: the reused cells are exactly right.
+    # llama.cpp alone, from scratch, in the same shapes (the shared start and
+    # the rest of the first prompt in one batch each, the reply a token at a
+    # time as generated, then the rest in one batch) gives the same reply: the
+    # reused cells are exactly right.
     history = engine._store.history("default", "s")
     prompt = tokenizer.tokenize_chat(
         [
@@ -123,7 +156,8 @@ async def test_a_turn_from_the_cached_prefix_evaluates_only_what_is_new(make_eng
     )
     cached = second.cached_prompt_tokens
     shapes = [
-        prompt[: first.prompt_tokens],
+        prompt[:start],
+        prompt[start : first.prompt_tokens],
         *([token] for token in prompt[first.prompt_tokens : cached]),
         prompt[cached:],
     ]
@@ -137,14 +171,14 @@ async def test_a_cold_turn_equals_any_other_cold_evaluation_of_the_same_history(
     await engine.chat(ask("My favourite colour is green.", "a"))
     await engine.chat(ask("I live in Paris.", "b"))  # takes a's slot
     back = await engine.chat(ask("What is my favourite colour?", "a"))
-    assert back.cached_prompt_tokens == 0
+    assert back.cached_prompt_tokens == engine.shared_start_tokens
 
     cold = await make_engine()
     cold._store.append(
         "default", "a", engine._store.history("default", "a")[0]
     )  # the same history, no KV
     again = await cold.chat(ask("What is my favourite colour?", "a"))
-    assert again.cached_prompt_tokens == 0
+    assert again.cached_prompt_tokens == cold.shared_start_tokens
     assert again.text == back.text
 
 

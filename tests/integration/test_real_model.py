@@ -111,8 +111,9 @@ async def test_closing_a_stream_stops_generation_and_keeps_no_half_exchange(make
     assert all(isinstance(event, TextDelta) for event in received)
     after = await engine.chat(ask("What is the capital of France?"))  # needs the one slot
     assert after.completion_tokens > 0
-    # Batches: the poem's prompt, one per generated token, then the next prompt.
-    sizes = [len(batch) for batch in engine._runtime.batches]
+    # Batches: the shared start, the poem's prompt, one per generated token,
+    # then the next prompt.
+    sizes = [len(batch) for batch in engine._runtime.batches[1:]]
     prompts = [i for i, size in enumerate(sizes) if size > 1]
     assert len(prompts) == 2
     # The 3 pieces read took the prompt's batch and at least 2 one-token batches
@@ -134,7 +135,8 @@ async def test_a_failure_mid_stream_keeps_no_half_exchange_and_the_engine_goes_o
     assert (await engine.list_sessions()).ids == []
     after = await engine.chat(ask("Write a long poem.", "broken", max_tokens=5))
     assert after.completion_tokens == 5
-    assert after.cached_prompt_tokens == 0  # the failed batch's cells were dropped
+    # The failed batch's cells were dropped: only the shared start is cached.
+    assert after.cached_prompt_tokens == engine.shared_start_tokens > 0
 
 
 async def test_clearing_a_session_while_it_generates_is_not_undone(make_engine):

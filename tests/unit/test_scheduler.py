@@ -4,6 +4,7 @@ tests/integration/test_scheduler.py.)"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -23,27 +24,36 @@ TIMEOUT_S = 10
 class Run:
     """A scheduler started on ``runtime``, and what its failure callback got."""
 
-    def __init__(self, runtime: ScriptedRuntime) -> None:
+    def __init__(self, runtime: ScriptedRuntime, shared_start: list[int] | None = None) -> None:
         self.runtime = runtime
         self.failures: list[EngineFailed] = []
         self.scheduler = BatchScheduler(
-            lambda: runtime, saved_state_bytes=1024, on_failure=self.failures.append
+            lambda: runtime,
+            saved_state_bytes=1024,
+            on_failure=self.failures.append,
+            shared_start=None if shared_start is None else lambda loaded: list(shared_start),
         )
         self.scheduler.start().result(timeout=TIMEOUT_S)
 
-    def submit(self, prompt: list[int], session: str | None = None) -> Future[Generation]:
+    def submit(
+        self,
+        prompt: list[int],
+        session: str | None = None,
+        stop: tuple[str, ...] = (),
+        on_piece: Callable[[str], None] = lambda piece: None,
+    ) -> Future[Generation]:
         done: Future[Generation] = Future()
         key = ("tenant", session) if session is not None else None
-        self.scheduler.submit(Job(key, prompt, GREEDY, lambda piece: None, settle(done)))
+        self.scheduler.submit(Job(key, prompt, GREEDY, on_piece, settle(done), stop=stop))
         return done
 
 
 @pytest.fixture
-def run() -> Iterator[Callable[[ScriptedRuntime], Run]]:
+def run() -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
 
-    def start(runtime: ScriptedRuntime) -> Run:
-        runs.append(Run(runtime))
+    def start(runtime: ScriptedRuntime, shared_start: list[int] | None = None) -> Run:
+        runs.append(Run(runtime, shared_start))
         return runs[-1]
 
     yield start
@@ -165,3 +175,100 @@ def test_a_cancelled_job_ends_as_cancelled_and_frees_its_sampler(run):
     generation = done.result(timeout=TIMEOUT_S)
     assert (generation.finish_reason, generation.completion_tokens) == (FinishReason.CANCELLED, 2)
     assert runtime.samplers[0].closed
+
+
+def prompt_entries(runtime: ScriptedRuntime, sequence: int) -> list[tuple[int, int]]:
+    """(token, position) of every entry of ``sequence`` that did not ask for logits."""
+    return [
+        (e.token, e.position)
+        for batch in runtime.batches
+        for e in batch
+        if e.sequence == sequence and not e.wants_logits
+    ]
+
+
+def test_jobs_wait_for_a_free_slot_and_are_admitted_oldest_first(run):
+    runtime = ScriptedRuntime(n_sequences=1, reply=[10])
+    started = run(runtime)
+    finished: list[str] = []
+    jobs = []
+    for name, prompt in (("a", [1, 2]), ("b", [3, 4]), ("c", [5, 6])):
+        job = started.submit(prompt)
+        job.add_done_callback(lambda _, name=name: finished.append(name))
+        jobs.append(job)
+    for job in jobs:
+        assert job.result(timeout=TIMEOUT_S).text == "<10>"
+    assert finished == ["a", "b", "c"]
+    # One sequence: no batch ever held two jobs' tokens.
+    assert all(len({e.sequence for e in batch}) == 1 for batch in runtime.batches)
+
+
+def test_a_long_prompt_is_evaluated_in_chunks_while_other_jobs_go_on_generating(run):
+    runtime = ScriptedRuntime(n_sequences=2, n_batch=4, reply=list(range(10, 20)))
+    started = run(runtime)
+    long_prompt = list(range(30, 41))  # 11 tokens: chunks of 3 beside one generated token
+    submitted = threading.Event()
+    # Its pieces wait (on the scheduler's thread) until the long prompt is queued.
+    generating = started.submit([1, 2], on_piece=lambda piece: submitted.wait(TIMEOUT_S))
+    long_job = started.submit(long_prompt)
+    submitted.set()
+    assert generating.result(timeout=TIMEOUT_S).completion_tokens == 10
+    assert long_job.result(timeout=TIMEOUT_S).completion_tokens == 10
+    assert all(len(batch) <= 4 for batch in runtime.batches)
+    chunked = [b for b in runtime.batches if any(e.token in long_prompt for e in b)]
+    assert len(chunked) >= 3
+    # While the long prompt was being evaluated, the other job kept its one
+    # token in every batch, and each batch lists its sequences in order.
+    for batch in chunked[:-1]:
+        assert {e.sequence for e in batch} == {0, 1}
+        assert [e.sequence for e in batch] == sorted(e.sequence for e in batch)
+    assert [t for t, _ in prompt_entries(runtime, 1)] == long_prompt[:-1]
+
+
+def test_a_stop_sequence_ends_the_reply_before_it_and_is_never_handed_on(run):
+    runtime = ScriptedRuntime(
+        n_sequences=1, reply=[10, 11, 12, 13], pieces={10: b"Hel", 11: b"lo E", 12: b"ND", 13: b"!"}
+    )
+    started = run(runtime)
+    pieces: list[str] = []
+    generation = started.submit([1], stop=("o END",), on_piece=pieces.append).result(
+        timeout=TIMEOUT_S
+    )
+    assert generation.finish_reason is FinishReason.STOP
+    assert generation.text == "".join(pieces) == "Hell"
+    assert generation.completion_tokens == 3  # the last token was never generated
+
+
+def test_the_shared_start_is_evaluated_once_and_each_new_conversation_begins_from_it(run):
+    runtime = ScriptedRuntime(n_sequences=2, reply=[10])
+    started = run(runtime, shared_start=[1, 2, 3, 4])
+    assert prompt_entries(runtime, 0) == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    before = len(runtime.batches)
+    first = started.submit([1, 2, 3, 4, 5, 6], session="a").result(timeout=TIMEOUT_S)
+    second = started.submit([1, 2, 3, 4, 7, 8], session="b").result(timeout=TIMEOUT_S)
+    assert (first.cached_tokens, second.cached_tokens) == (4, 4)
+    prompts = [
+        [(e.token, e.position) for e in batch]
+        for batch in runtime.batches[before:]
+        if not batch[-1].token == 10
+    ]
+    # Only what follows the shared start, at the positions after it.
+    assert [(5, 4), (6, 5)] in prompts and [(7, 4), (8, 5)] in prompts
+    # A prompt that begins otherwise (another system prompt) evaluates in full.
+    other = started.submit([1, 9, 3], session="c").result(timeout=TIMEOUT_S)
+    assert other.cached_tokens == 0
+    assert [(e.token, e.position) for e in runtime.batches[-2]] == [(1, 0), (9, 1), (3, 2)]
+
+
+def test_without_the_shared_start_nothing_is_lost_but_time(run):
+    refused = ScriptedRuntime(n_sequences=1, reply=[10])
+    refused.restores = False
+    generation = run(refused, shared_start=[1, 2, 3]).submit([1, 2, 3, 4]).result(timeout=TIMEOUT_S)
+    assert generation.cached_tokens == 0 and generation.text == "<10>"
+
+    no_room = ScriptedRuntime(n_sequences=1, reply=[10])
+    no_room.no_room = lambda entries: not entries[-1].wants_logits  # only the shared start
+    started = run(no_room, shared_start=[1, 2, 3])
+    generation = started.submit([1, 2, 3, 4]).result(timeout=TIMEOUT_S)
+    assert generation.cached_tokens == 0 and generation.text == "<10>"
+    assert started.failures == []
