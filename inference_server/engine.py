@@ -43,6 +43,7 @@ from .errors import (
     SessionStoreError,
 )
 from .llama_runtime import LlamaRuntime
+from .loop_poster import LoopPoster
 from .metrics import EngineMetrics
 from .runtime import Runtime
 from .scheduler import BatchScheduler, Generation, Job
@@ -116,6 +117,8 @@ class LlamaEngine:
         self._tokenizing = 0
         self._tokenized = asyncio.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poster: LoopPoster | None = None
+        """How the scheduler's thread hands pieces and results to the loop."""
         self.failed: asyncio.Future[EngineFailed] | None = None
         """Resolved when the scheduler stops on an unexpected error (after ``load``)."""
         self._store_problem: str | None = None
@@ -138,6 +141,7 @@ class LlamaEngine:
         """
         self._loop = asyncio.get_running_loop()
         self.failed = self._loop.create_future()
+        self._poster = LoopPoster(self._loop)
         try:
             runtime = await asyncio.wrap_future(self._scheduler.start())
         except (ValueError, RuntimeError, OSError) as error:
@@ -193,6 +197,8 @@ class LlamaEngine:
         async with self._tokenized:
             await self._tokenized.wait_for(lambda: self._tokenizing == 0)
         await asyncio.to_thread(self._scheduler.stop)
+        if self._poster is not None:
+            await asyncio.to_thread(self._poster.close)  # the jobs' last callbacks
         if self._scheduler.failure is not None and self._loaded is not None:
             self._loaded.close()  # a scheduler that failed left the model to us
         # After the calls already queued, so that what they commit is kept.
@@ -458,6 +464,8 @@ class LlamaEngine:
         ``Generation``. Closing early cancels it within one token. The reply
         ends before the first of the ``stop`` sequences (see ``Job``)."""
         loop = asyncio.get_running_loop()
+        poster = self._poster
+        assert poster is not None  # made by load(), before any runtime
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         outcome: asyncio.Future[Generation] = loop.create_future()
         timing = _Timing(arrived)
@@ -467,11 +475,11 @@ class LlamaEngine:
 
         def on_piece(piece: str) -> None:  # on the scheduler's thread, as each token comes
             timing.token(time.monotonic(), self.metrics)
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            poster.post(pieces.put_nowait, piece)
 
         def on_done(result: Generation | BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, outcome, result)
-            loop.call_soon_threadsafe(pieces.put_nowait, None)
+            poster.post(_settle, outcome, result)
+            poster.post(pieces.put_nowait, None)
 
         job = Job(
             session=session,
@@ -484,8 +492,17 @@ class LlamaEngine:
         )
         self._scheduler.submit(job)
         try:
-            while (piece := await pieces.get()) is not None:
-                yield TextDelta(piece)
+            ended = False
+            while not ended and (piece := await pieces.get()) is not None:
+                # Pieces that came while the last one was being sent go out as
+                # one (a loop that fell behind catches up); none is waited for.
+                parts = [piece]
+                while not pieces.empty():
+                    if (more := pieces.get_nowait()) is None:
+                        ended = True
+                        break
+                    parts.append(more)
+                yield TextDelta(parts[0] if len(parts) == 1 else "".join(parts))
         finally:
             # Closed early (client gone): stop generating within one token.
             job.cancelled.set()
