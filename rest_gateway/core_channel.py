@@ -18,6 +18,11 @@ sessions go to the next replica on the ring) and retries a call that failed
 with UNAVAILABLE before any reply came (``retryPolicy``). Keepalive pings find
 a replica that stopped answering (frozen, or its machine gone) within
 ``GRPC_KEEPALIVE_S + GRPC_KEEPALIVE_TIMEOUT_S`` seconds.
+
+``GRPC_LB_POLICY=round_robin`` spreads the calls over the replicas in turn
+instead, a session's turns included: every turn then rebuilds its KV cache
+where it lands. It is there to measure what affinity is worth
+(``make bench-cluster``), not for serving.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -41,6 +46,8 @@ SESSION_KEY = "x-session-id"
 # hash to route by and fail every call.
 RING_HASH_HEADER_ENV = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
 RING_HASH_POLICY = "ring_hash_experimental"
+# GRPC_LB_POLICY: how a gateway spreads calls over many replicas.
+LbPolicy = Literal["ring_hash", "round_robin"]
 
 # Reconnect quickly once a core is back, so the gateway recovers by itself.
 # (C-core also takes the minimum backoff as the connection attempt's timeout:
@@ -160,16 +167,21 @@ def parse_address(text: str) -> CoreAddress:
     )
 
 
-def service_config(balanced: bool) -> dict[str, Any]:
+def service_config(balanced: bool, policy: LbPolicy = "ring_hash") -> dict[str, Any]:
     """The channel's service config: retries on UNAVAILABLE for every call
     (gRPC retries only while no reply has come: a stream that has sent text
-    is not repeated); with many replicas, ring_hash on ``x-session-id`` over
-    the replicas whose health service says SERVING."""
+    is not repeated); with many replicas, ring_hash on ``x-session-id`` (or
+    ``round_robin``, as ``policy`` says) over the replicas whose health
+    service says SERVING."""
     config: dict[str, Any] = {
         "methodConfig": [{"name": [{"service": CHAT_SERVICE}], "retryPolicy": RETRY_POLICY}],
     }
     if balanced:
-        config["loadBalancingConfig"] = [{RING_HASH_POLICY: {"requestHashHeader": SESSION_KEY}}]
+        if policy == "ring_hash":
+            balancer = {RING_HASH_POLICY: {"requestHashHeader": SESSION_KEY}}
+        else:
+            balancer = {"round_robin": {}}
+        config["loadBalancingConfig"] = [balancer]
         config["healthCheckConfig"] = {"serviceName": CHAT_SERVICE}
     return config
 
@@ -211,13 +223,14 @@ def open_core_channel(
     address: CoreAddress,
     options: list[tuple[str, Any]],
     *,
+    policy: LbPolicy = "ring_hash",
     tls_ca: bytes | None = None,
     interceptors: list[grpc.aio.ClientInterceptor] | None = None,
 ) -> grpc.aio.Channel:
     """The channel the routes call the core(s) on."""
-    if address.balanced:
+    if address.balanced and policy == "ring_hash":
         os.environ[RING_HASH_HEADER_ENV] = "true"
-    config = ("grpc.service_config", json.dumps(service_config(address.balanced)))
+    config = ("grpc.service_config", json.dumps(service_config(address.balanced, policy)))
     return open_channel(
         address.target, [*options, config], tls_ca=tls_ca, interceptors=interceptors
     )

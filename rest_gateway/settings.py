@@ -15,7 +15,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from llamachat_process.logs import LogFormat
 from llamachat_process.tenants import KeySettings
 
-from .core_channel import parse_address
+from .core_channel import LbPolicy, parse_address
 
 
 class GatewaySettings(KeySettings):
@@ -33,6 +33,13 @@ class GatewaySettings(KeySettings):
         "many replicas of it: HOST:PORT,HOST:PORT,... (host names resolved once, at "
         "start) or dns:///NAME:PORT (a name that resolves to every replica, resolved "
         "again as replicas come and go). Many replicas: each session stays on one.",
+    )
+    grpc_lb_policy: LbPolicy = Field(
+        default="ring_hash",
+        description="How calls are spread over many replicas: ring_hash keeps each "
+        "session on one replica (where its KV cache is); round_robin spreads every call "
+        "over the replicas in turn, so a session's turns rebuild their KV cache wherever "
+        "they land (to measure what affinity is worth: make bench-cluster).",
     )
     grpc_keepalive_s: float = Field(
         default=2.0,

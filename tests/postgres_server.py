@@ -7,7 +7,11 @@ schema from ``new_schema()`` (a few ms). PostgreSQL refuses to run
 as root, so as root its files belong to the ``postgres`` user and its programs
 run as that user (``runuser``). ``fsync`` is off for speed unless asked for:
 ``kill9()`` then loses nothing that a test can see, since the operating system
-still holds what was written.
+still holds what was written (a commit that returned before its WAL was
+written, ``synchronous_commit = off``, is lost). ``settings`` adds or
+overrides server settings (``postgres -c NAME=VALUE``). Given a ``root``, the
+server keeps its files there across runs (``make cluster``), rather than in a
+temporary directory removed at ``close()``.
 """
 
 from __future__ import annotations
@@ -43,23 +47,33 @@ def find_program(name: str) -> str:
 
 
 class PostgresServer:
-    """One PostgreSQL server of the tests' own, in a temporary directory."""
+    """One PostgreSQL server of the tests' own, in a temporary directory (or ``root``)."""
 
-    def __init__(self, *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        fsync: bool = False,
+        settings: dict[str, str] | None = None,
+        root: Path | None = None,
+        port: int | None = None,
+    ) -> None:
         self._fsync = fsync
-        self._root = Path(tempfile.mkdtemp(prefix="llamachat-pg-"))
+        self._settings = dict(settings or {})
+        self._kept = root is not None
+        self._root = root if root is not None else Path(tempfile.mkdtemp(prefix="llamachat-pg-"))
         self.data_dir = self._root / "data"
         self.socket_dir = self._root / "socket"
-        self.port = free_port()
+        self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._databases = itertools.count(1)
         self._as_root = os.geteuid() == 0
-        self.socket_dir.mkdir()
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
         if self._as_root:
             shutil.chown(self._root, SUPERUSER)
             shutil.chown(self.socket_dir, SUPERUSER)
-        initdb = [find_program("initdb"), "-D", str(self.data_dir), "-U", SUPERUSER]
-        self._run([*initdb, "-A", "trust", "--no-sync", "-E", "UTF8", "--locale", "C"])
+        if not (self.data_dir / "PG_VERSION").exists():
+            initdb = [find_program("initdb"), "-D", str(self.data_dir), "-U", SUPERUSER]
+            self._run([*initdb, "-A", "trust", "--no-sync", "-E", "UTF8", "--locale", "C"])
 
     def _command(self, argv: list[str]) -> list[str]:
         return ["runuser", "-u", SUPERUSER, "--", *argv] if self._as_root else argv
@@ -80,18 +94,19 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server (again, after ``kill9``) and wait until it answers."""
-        settings = [
-            f"port={self.port}",
-            "listen_addresses=127.0.0.1",
-            f"unix_socket_directories={self.socket_dir}",
-            f"fsync={'on' if self._fsync else 'off'}",
-            "full_page_writes=off" if not self._fsync else "full_page_writes=on",
-            "max_connections=100",
-            "shared_buffers=16MB",
-        ]
+        settings = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.socket_dir),
+            "fsync": "on" if self._fsync else "off",
+            "full_page_writes": "on" if self._fsync else "off",
+            "max_connections": "100",
+            "shared_buffers": "16MB",
+            **self._settings,
+        }
         argv = [find_program("postgres"), "-D", str(self.data_dir)]
-        for setting in settings:
-            argv += ["-c", setting]
+        for name, value in settings.items():
+            argv += ["-c", f"{name}={value}"]
         log = (self._root / "postgres.log").open("ab")
         self._process = subprocess.Popen(
             self._command(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -169,9 +184,10 @@ class PostgresServer:
                 self.kill9()
 
     def close(self) -> None:
-        """Stop the server and remove its files."""
+        """Stop the server and remove its files (unless they are kept in a ``root``)."""
         self.stop()
-        shutil.rmtree(self._root, ignore_errors=True)
+        if not self._kept:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
         self.start()

@@ -143,6 +143,31 @@ async def test_sessions_stay_on_one_replica_and_leave_one_that_stops_serving(thr
                 assert moved[session] == placed[session]
 
 
+async def test_round_robin_spreads_a_sessions_turns_over_every_replica(three_cores):
+    """GRPC_LB_POLICY=round_robin, the comparison for what affinity is worth."""
+    config = service_config(balanced=True, policy="round_robin")
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "llamachat.v1.ChatService"}
+    with pytest.raises(ValidationError):
+        GatewaySettings(grpc_lb_policy="random")
+    addresses = ",".join(f"127.0.0.1:{core.port}" for core in three_cores)
+    address = parse_address(addresses)
+    options = channel_options(max_receive_bytes=1 << 20, keepalive_s=2, keepalive_timeout_s=3)
+    channel = open_core_channel(
+        address, options, policy="round_robin", interceptors=session_affinity()
+    )
+    async with channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        answered = {await replica_of(stub, "one-session")}
+        while len(answered) < len(three_cores):  # as each replica's connection is ready
+            answered.add(await replica_of(stub, "one-session"))
+    async with gateway_for(grpc_address=addresses, grpc_lb_policy="round_robin") as http:
+        replicas: set[str] = set()
+        while len(replicas) < len(three_cores):
+            reply = await http.post("/chat", json={"message": "Hi", "session_id": "one"})
+            replicas.add(reply.headers["x-core-replica"])
+
+
 async def test_a_gateway_reply_names_the_replica_that_answered(core):
     async with gateway_for(grpc_address=f"127.0.0.1:{core.port}") as http:
         reply = await http.post("/chat", json={"message": "Hi"})
