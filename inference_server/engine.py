@@ -213,6 +213,16 @@ class LlamaEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._store_thread, partial(call, *args, **kwargs))
 
+    async def _read_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``_in_store`` for a read that a turn needs: a ``SessionStoreError``
+        (the database is gone) marks the store unavailable as a failed write
+        does; a success proves nothing of writes, so it clears nothing."""
+        try:
+            return await self._in_store(call, *args, **kwargs)
+        except SessionStoreError as error:
+            self._store_failed(str(error))
+            raise
+
     async def _write_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """``_in_store`` for a call that writes: a ``SessionStoreError`` marks
         the store unwritable (and starts trying it again), a success clears that."""
@@ -370,7 +380,7 @@ class LlamaEngine:
         # The history and its version: the exchange is kept only if the session
         # is still at this version when it is committed (a clear, or another
         # replica's turn, in between: HistoryChanged, and nothing is kept).
-        history = await self._in_store(self._store.read, *session, request.request_id)
+        history = await self._read_store(self._store.read, *session, request.request_id)
         if history.replay is not None:  # a retry of a turn already kept: no second one
             if history.replay.message != request.message:
                 raise InvalidRequest(
@@ -406,8 +416,24 @@ class LlamaEngine:
                     kept = self._write_store(
                         self._commit, session, exchange, history.version, record
                     )
-                    self._forget_kv(await kept)
+                    try:
+                        self._forget_kv(await kept)
+                    except HistoryChanged:
+                        if (earlier := await self._kept_reply(session, request)) is None:
+                            raise
+                        # Another attempt of this very turn (a retry on another
+                        # replica) was kept first: its reply is the answer.
+                        yield _replayed(session[1], earlier)
+                        return
                 yield _result(session[1], prompt, event)
+
+    async def _kept_reply(self, session: SessionKey, request: ChatRequest) -> StoredReply | None:
+        """The reply the session keeps for this request's id and message, if any."""
+        if not request.request_id:
+            return None
+        kept = await self._read_store(self._store.read, *session, request.request_id)
+        replay = kept.replay
+        return replay if replay is not None and replay.message == request.message else None
 
     async def complete_stream(self, request: CompletionRequest) -> AsyncGenerator[ChatEvent, None]:
         arrived = time.monotonic()

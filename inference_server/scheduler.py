@@ -262,7 +262,13 @@ class BatchScheduler:
         slots = SlotTable(runtime, saved_state_bytes=self._saved_state_bytes)
         if self._shared_start is not None:
             try:
-                self._evaluate_shared_start(runtime, slots, self._shared_start(runtime))
+                tokens = self._shared_start(runtime)
+            except Exception:  # a template that cannot render it: serve without
+                log.warning("no shared start of conversations: its tokens", exc_info=True)
+                tokens = []
+            try:
+                if tokens:
+                    self._evaluate_shared_start(runtime, slots, tokens)
             except BaseException as error:  # as a model that does not load
                 runtime.close()
                 self._loaded.set_exception(error)

@@ -213,5 +213,5 @@ class SlotTable:
         if self._memory.restore_sequence(slot.sequence, saved.state):
             slot.tokens = list(saved.tokens)
         else:
-            log.warning("llama.cpp refused the saved state of session %s", session)
+            log.warning("llama.cpp refused a saved state (for session %s): evaluated anew", session)
             self.invalidate(slot)

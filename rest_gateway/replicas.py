@@ -68,6 +68,8 @@ class Replicas:
         self._address = address
         self._open_one = open_one
         self._replicas: dict[str, Replica] = {}
+        # Health checks and scrapes may overlap: one updates the table at a time.
+        self._updating = asyncio.Lock()
 
     @property
     def balanced(self) -> bool:
@@ -86,12 +88,13 @@ class Replicas:
             except OSError as error:
                 log.warning("cannot resolve %s: %s", host, error)
                 targets = list(self._replicas)  # the last ones known
-        for gone in set(self._replicas) - set(targets):
-            await self._replicas.pop(gone).channel.close()
-        for target in targets:
-            if target not in self._replicas:
-                self._replicas[target] = Replica(target, self._open_one(target))
-        return [self._replicas[target] for target in targets]
+        async with self._updating:
+            for gone in set(self._replicas) - set(targets):
+                await self._replicas.pop(gone).channel.close()
+            for target in targets:
+                if target not in self._replicas:
+                    self._replicas[target] = Replica(target, self._open_one(target))
+            return [self._replicas[target] for target in targets]
 
     async def close(self) -> None:
         for replica in self._replicas.values():

@@ -4,14 +4,15 @@ rules (TTL, session limit) as the engine applies them, and retried turns."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from dataclasses import replace
 
 import pytest
 
 from inference_server.domain import ChatResult, Exchange, FinishReason, TextDelta
-from inference_server.errors import InvalidRequest
+from inference_server.errors import InvalidRequest, SessionStoreError
 from inference_server.postgres_sessions import PostgresSessionStore
-from inference_server.sessions import Retention
+from inference_server.sessions import RequestRecord, Retention
 from inference_server.sqlite_sessions import SqliteSessionStore
 
 from .test_real_model import ask
@@ -90,3 +91,45 @@ async def test_a_retried_turn_is_answered_its_kept_reply_not_generated_again(mak
         await engine.chat(replace(request, message="Something else"))
     await engine.chat(replace(request, request_id="turn-2"))
     assert len(await engine.history("retry")) == 2
+
+
+async def test_a_turn_kept_first_by_another_attempt_answers_that_reply(make_engine, postgres):
+    # The same turn (one request id) generated on two replicas at once: the
+    # one that commits second is told the reply that was kept, not an error.
+    dsn = postgres.new_schema()
+    engine = await make_engine(session_db=dsn)
+    other_replica = PostgresSessionStore(dsn, Retention(window=5, max_sessions=10, ttl_s=0))
+    request = replace(ask("Write a long poem.", "raced", max_tokens=12), request_id="turn-1")
+    async with aclosing(engine.chat_stream(request)) as events:
+        assert isinstance(await anext(events), TextDelta)  # read and generating
+        version = other_replica.read("default", "raced").version
+        record = RequestRecord("turn-1", FinishReason.STOP.value, 3)
+        kept = Exchange("Write a long poem.", "Kept elsewhere.")
+        other_replica.append("default", "raced", kept, expected_version=version, request=record)
+        rest = [event async for event in events]
+    other_replica.close()
+    result = rest[-1]
+    assert isinstance(result, ChatResult)
+    assert (result.text, result.completion_tokens) == ("Kept elsewhere.", 3)
+    assert await engine.history("raced") == [kept]  # one exchange
+
+
+async def test_a_store_that_cannot_be_read_makes_the_core_unhealthy_until_it_is_back(
+    make_engine, postgres
+):
+    engine = await make_engine(session_db=postgres.new_schema())
+    await engine.chat(ask("Hello!", "s", max_tokens=2))
+    assert engine.unavailable_reason() is None
+    postgres.kill9()
+    try:
+        with pytest.raises(SessionStoreError):
+            await engine.chat(ask("Again!", "s", max_tokens=2))
+        assert engine.unavailable_reason() is not None  # health: NOT_SERVING
+    finally:
+        postgres.start()
+    for _ in range(100):  # the store is tried again every 2 s
+        if engine.unavailable_reason() is None:
+            break
+        await asyncio.sleep(0.1)
+    assert engine.unavailable_reason() is None
+    assert len(await engine.history("s")) == 1

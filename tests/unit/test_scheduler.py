@@ -272,3 +272,20 @@ def test_without_the_shared_start_nothing_is_lost_but_time(run):
     generation = started.submit([1, 2, 3, 4]).result(timeout=TIMEOUT_S)
     assert generation.cached_tokens == 0 and generation.text == "<10>"
     assert started.failures == []
+
+
+def test_a_shared_start_that_cannot_be_made_leaves_the_model_serving():
+    def cannot(loaded: object) -> list[int]:
+        raise ValueError("this template raises on a system message")
+
+    runtime = ScriptedRuntime(n_sequences=1, reply=[10])
+    scheduler = BatchScheduler(lambda: runtime, saved_state_bytes=0, shared_start=cannot)
+    try:
+        scheduler.start().result(timeout=TIMEOUT_S)
+        done: Future[Generation] = Future()
+        scheduler.submit(Job(None, [1, 2], GREEDY, lambda piece: None, settle(done)))
+        generation = done.result(timeout=TIMEOUT_S)
+        assert (generation.text, generation.cached_tokens) == ("<10>", 0)
+        assert scheduler.shared_start_tokens == 0
+    finally:
+        scheduler.stop()
