@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import ParamSpec, TypeVar, cast
@@ -40,7 +39,6 @@ from .errors import (
     ModelLoadError,
     Overloaded,
     SessionNotFound,
-    SessionStoreError,
 )
 from .llama_runtime import LlamaRuntime
 from .loop_poster import LoopPoster
@@ -51,6 +49,7 @@ from .session_turns import SessionTurns
 from .sessions import RequestRecord, SessionPage, SessionStore, StoredReply
 from .settings import ServerSettings
 from .slots import common_prefix_length
+from .store_access import StoreAccess
 from .tool_formats import ToolPlan, plan, with_tool_calls
 from .validation import resolve_completion_sampling, resolve_sampling
 
@@ -61,8 +60,6 @@ R = TypeVar("R")
 
 # Longest wait between two looks for sessions past their TTL.
 EXPIRY_INTERVAL_S = 60.0
-# While the session store cannot be written, how often it is tried again.
-STORE_PROBE_INTERVAL_S = 2.0
 
 
 class LlamaEngine:
@@ -75,18 +72,19 @@ class LlamaEngine:
     llama.cpp runs on the event loop.
 
     The session store is used from one thread of its own, in the order of the
-    calls. A turn's exchange is committed (and for a durable store, on disk)
-    before its ``ChatResult`` is yielded, and only if the session's history is
-    still the one its prompt was built from (a clear or another replica's turn
-    in between: ``HistoryChanged``, nothing kept). A turn with a request id
+    calls (``store_access.StoreAccess``). A turn's exchange is committed (and
+    for a durable store, on disk) before its ``ChatResult`` is yielded, and
+    only if the session's history is still the one its prompt was built from
+    (a clear or another replica's turn in between: ``HistoryChanged``,
+    nothing kept). A turn with a request id
     that its session keeps already is answered the kept reply, not generated.
 
     Health: ``unavailable_reason()`` says why a chat cannot succeed now (the
     model is loading, the scheduler failed, the store cannot be written), and
-    ``health_changed()`` wakes when that may have changed. A failed write marks
-    the store unwritable until a write succeeds again (tried every
-    ``STORE_PROBE_INTERVAL_S``); clears and reads go on meanwhile, so that
-    space can be freed. A scheduler that dies resolves ``failed``: nothing
+    ``health_changed()`` wakes when that may have changed. A failed write (or
+    a failed read of a turn) marks the store unavailable until a write
+    succeeds again; clears and reads go on meanwhile, so that space can be
+    freed. A scheduler that dies resolves ``failed``: nothing
     more can be generated, and the process should exit to be restarted.
     """
 
@@ -101,7 +99,7 @@ class LlamaEngine:
         self._settings = settings
         self._model_name = model_name
         self._store = store
-        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="session-store")
+        self._stores = StoreAccess(store, self._health_changes)
         self._expiry: asyncio.Task[None] | None = None
         self._closed = False
         self._scheduler = BatchScheduler(
@@ -121,8 +119,6 @@ class LlamaEngine:
         """How the scheduler's thread hands pieces and results to the loop."""
         self.failed: asyncio.Future[EngineFailed] | None = None
         """Resolved when the scheduler stops on an unexpected error (after ``load``)."""
-        self._store_problem: str | None = None
-        self._store_probe: asyncio.Task[None] | None = None
         self._health_event = asyncio.Event()
         self.metrics = EngineMetrics(model_name, restarts=settings.supervisor_restarts)
         self._session_turn = SessionTurns()
@@ -182,7 +178,7 @@ class LlamaEngine:
             return str(self.failed.result())
         if self._runtime is None:
             return str(EngineNotReady())
-        return self._store_problem
+        return self._stores.problem
 
     async def aclose(self) -> None:
         """End what still runs (as cancelled), free the model, stop the threads,
@@ -191,9 +187,9 @@ class LlamaEngine:
             return
         self._closed = True
         self._runtime = None
-        for task in (self._expiry, self._store_probe):
-            if task is not None:
-                task.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._stores.refuse()
         async with self._tokenized:
             await self._tokenized.wait_for(lambda: self._tokenizing == 0)
         await asyncio.to_thread(self._scheduler.stop)
@@ -201,64 +197,7 @@ class LlamaEngine:
             await asyncio.to_thread(self._poster.close)  # the jobs' last callbacks
         if self._scheduler.failure is not None and self._loaded is not None:
             self._loaded.close()  # a scheduler that failed left the model to us
-        # After the calls already queued, so that what they commit is kept.
-        await asyncio.get_running_loop().run_in_executor(self._store_thread, self._store.close)
-        self._store_thread.shutdown()
-
-    async def _in_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``call`` on the session store's thread, after the calls before it.
-        Raises ``EngineNotReady`` once the engine is closing."""
-        if self._closed:
-            raise EngineNotReady()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._store_thread, partial(call, *args, **kwargs))
-
-    async def _read_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """``_in_store`` for a read that a turn needs: a ``SessionStoreError``
-        (the database is gone) marks the store unavailable as a failed write
-        does; a success proves nothing of writes, so it clears nothing."""
-        try:
-            return await self._in_store(call, *args, **kwargs)
-        except SessionStoreError as error:
-            self._store_failed(str(error))
-            raise
-
-    async def _write_store(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """``_in_store`` for a call that writes: a ``SessionStoreError`` marks
-        the store unwritable (and starts trying it again), a success clears that."""
-        try:
-            result = await self._in_store(call, *args, **kwargs)
-        except SessionStoreError as error:
-            self._store_failed(str(error))
-            raise
-        self._store_writable()
-        return result
-
-    def _store_failed(self, problem: str) -> None:
-        if self._store_problem is None:
-            log.error("%s; health says NOT_SERVING until a write succeeds", problem)
-        self._store_problem = problem
-        self._health_changes()
-        if self._store_probe is None or self._store_probe.done():
-            self._store_probe = asyncio.create_task(self._probe_store())
-
-    def _store_writable(self) -> None:
-        if self._store_problem is not None:
-            log.info("the session store can be written again")
-            self._store_problem = None
-            self._health_changes()
-
-    async def _probe_store(self) -> None:
-        while self._store_problem is not None:
-            await asyncio.sleep(STORE_PROBE_INTERVAL_S)
-            try:
-                await self._in_store(self._store.check_writable)
-            except SessionStoreError as error:
-                self._store_problem = str(error)
-            except EngineNotReady:
-                return  # closing
-            else:
-                self._store_writable()
+        await self._stores.close()  # after the calls already queued
 
     async def _with_model(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run something that reads the model (tokenizing, checking a grammar)
@@ -280,7 +219,7 @@ class LlamaEngine:
         while True:
             await asyncio.sleep(interval)
             try:
-                expired = await self._write_store(self._store.expire)
+                expired = await self._stores.write(self._store.expire)
             except Exception:  # a failing disk must not end the expiry for good
                 log.exception("removing expired sessions failed")
                 continue
@@ -380,7 +319,7 @@ class LlamaEngine:
         # The history and its version: the exchange is kept only if the session
         # is still at this version when it is committed (a clear, or another
         # replica's turn, in between: HistoryChanged, and nothing is kept).
-        history = await self._read_store(self._store.read, *session, request.request_id)
+        history = await self._stores.read(self._store.read, *session, request.request_id)
         if history.replay is not None:  # a retry of a turn already kept: no second one
             if history.replay.message != request.message:
                 raise InvalidRequest(
@@ -413,7 +352,7 @@ class LlamaEngine:
                         else None
                     )
                     exchange = Exchange(request.message, event.text)
-                    kept = self._write_store(
+                    kept = self._stores.write(
                         self._commit, session, exchange, history.version, record
                     )
                     try:
@@ -431,7 +370,7 @@ class LlamaEngine:
         """The reply the session keeps for this request's id and message, if any."""
         if not request.request_id:
             return None
-        kept = await self._read_store(self._store.read, *session, request.request_id)
+        kept = await self._stores.read(self._store.read, *session, request.request_id)
         replay = kept.replay
         return replay if replay is not None and replay.message == request.message else None
 
@@ -585,11 +524,11 @@ class LlamaEngine:
             raise
 
     async def clear(self, session_id: str, tenant: str = DEFAULT_TENANT) -> None:
-        await self._in_store(self._store.delete, tenant, session_id)
+        await self._stores.call(self._store.delete, tenant, session_id)
         self._scheduler.forget_session((tenant, session_id))
 
     async def history(self, session_id: str, tenant: str = DEFAULT_TENANT) -> list[Exchange]:
-        history = await self._in_store(self._store.history, tenant, session_id)
+        history = await self._stores.call(self._store.history, tenant, session_id)
         if history is None:
             raise SessionNotFound(session_id)
         return history
@@ -599,7 +538,7 @@ class LlamaEngine:
     ) -> SessionPage:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-        return await self._in_store(self._store.list_sessions, tenant, limit, cursor)
+        return await self._stores.call(self._store.list_sessions, tenant, limit, cursor)
 
     def model_info(self) -> ModelInfo:
         runtime = self._runtime
@@ -612,7 +551,7 @@ class LlamaEngine:
         )
 
     async def metrics_text(self) -> str:
-        sessions = await self._in_store(self._store.count) if not self._closed else 0
+        sessions = await self._stores.call(self._store.count) if not self._closed else 0
         return self.metrics.exposition(sessions)
 
 
