@@ -109,7 +109,7 @@ bench-openai: $(VENV)/.dev $(STUBS)
 # Many replicas on this machine (README "A cluster on one machine"): PostgreSQL
 # (its files in .cluster/, kept between runs), three cores and one gateway;
 # Ctrl-C stops them all. CLUSTER_ARGS passes options (--help).
-cluster: $(VENV)/.runtime $(STUBS) postgresql
+cluster: $(VENV)/.dev $(STUBS) postgresql
 	$(PY) -m bench.local_cluster $(CLUSTER_ARGS)
 
 bench-cluster: $(VENV)/.dev $(STUBS) postgresql

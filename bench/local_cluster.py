@@ -24,10 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.e2e.replica_cluster import wait_serving as wait_core_serving
 from tests.postgres_server import PostgresServer
 
 from .servers import REPO, stop, wait_healthy
@@ -141,27 +140,21 @@ class LocalCluster:
         self.gateways.remove(gateway)
 
     def close(self) -> None:
-        for child in [*self.gateways, *self.cores.values()]:
-            if child.process.poll() is None:
-                stop(child.process)
-        self.postgres.stop()
+        # A second Ctrl-C while the children stop must not leave PostgreSQL running.
+        try:
+            for child in [*self.gateways, *self.cores.values()]:
+                if child.process.poll() is None:
+                    stop(child.process)
+        finally:
+            self.postgres.stop()
 
 
 def wait_serving(core: Child) -> None:
     """Wait until ``core`` says SERVING (its model loaded, its store writable)."""
-    with grpc.insecure_channel(f"127.0.0.1:{core.port}") as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(), timeout=STARTUP_TIMEOUT_S, wait_for_ready=True
-        )
-        try:
-            for reply in watch:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    watch.cancel()
-                    return
-        except grpc.RpcError as error:
-            if core.process.poll() is not None:
-                raise RuntimeError(f"{core.name} exited; see {core.log}") from error
-            raise
+    try:
+        wait_core_serving(core.port, core.process, STARTUP_TIMEOUT_S)
+    except RuntimeError as error:  # it exited
+        raise RuntimeError(f"{core.name} exited; see {core.log}") from error
 
 
 def usable_cpus() -> list[int]:

@@ -148,22 +148,23 @@ def note_call(call: grpc.aio.Call) -> None:
         answered.calls.append(call)
 
 
+async def routed_call(continuation: Any, details: Any, request: Any) -> Any:
+    """Make the call with its routing key, remembering it when it has one."""
+    details, request, routed = route(details, request)
+    call = await continuation(details, request)
+    if routed:
+        note_call(call)
+    return call
+
+
 class UnaryAffinity(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        details, request, routed = route(details, request)
-        call = await continuation(details, request)
-        if routed:
-            note_call(call)
-        return call
+        return await routed_call(continuation, details, request)
 
 
 class StreamAffinity(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        details, request, routed = route(details, request)
-        call = await continuation(details, request)
-        if routed:
-            note_call(call)
-        return call
+        return await routed_call(continuation, details, request)
 
 
 def session_affinity() -> list[grpc.aio.ClientInterceptor]:

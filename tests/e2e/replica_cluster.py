@@ -89,12 +89,16 @@ def core_env(port: int, name: str, database: str) -> dict[str, str]:
     }
 
 
-def wait_serving(port: int, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    port: int,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> None:
     """Wait until the core on ``port`` says SERVING (its model loaded, its
     store writable)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(), timeout=STARTUP_TIMEOUT_S, wait_for_ready=True
+            health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True
         )
         try:
             for reply in watch:
