@@ -41,24 +41,29 @@ ERRORS = documented_errors(
 router = APIRouter()
 
 
-def settings_of(request: Request) -> GatewaySettings:
+# The dependencies are coroutines although they never wait: FastAPI runs a
+# plain function dependency in its thread pool, a hop per request for nothing.
+
+
+async def settings_of(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
-def chat_stub(request: Request) -> chat_pb2_grpc.ChatServiceStub:
+async def chat_stub(request: Request) -> chat_pb2_grpc.ChatServiceStub:
     return request.app.state.chat_stub
 
 
-def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
+async def health_stub(request: Request) -> health_pb2_grpc.HealthStub:
     return request.app.state.health_stub
 
 
-def call_options(request: Request) -> dict[str, Any]:
+async def call_options(request: Request) -> dict[str, Any]:
     """Deadline and metadata (the caller's API key, which names its tenant) of
     a call to the core; the client's ``X-Session-Id`` keys its replica."""
     key = key_of(request.scope)
+    settings: GatewaySettings = request.app.state.settings
     options = {
-        "timeout": settings_of(request).grpc_deadline_s,
+        "timeout": settings.grpc_deadline_s,
         "metadata": (("authorization", f"Bearer {key}"),) if key else (),
     }
     return with_session_key(options, session_header(request.headers))
