@@ -45,10 +45,10 @@ from .loop_poster import LoopPoster
 from .metrics import EngineMetrics
 from .runtime import Runtime
 from .scheduler import BatchScheduler, Generation, Job
+from .session_prompts import SessionPrompts
 from .session_turns import SessionTurns
 from .sessions import RequestRecord, SessionPage, SessionStore, StoredReply
 from .settings import ServerSettings
-from .slots import common_prefix_length
 from .store_access import StoreAccess
 from .tool_formats import ToolPlan, plan, with_tool_calls
 from .validation import resolve_completion_sampling, resolve_sampling
@@ -97,6 +97,7 @@ class LlamaEngine:
         model_name: str = "model",
     ) -> None:
         self._settings = settings
+        self._prompts = SessionPrompts(settings.system_prompt)
         self._model_name = model_name
         self._store = store
         self._stores = StoreAccess(store, self._health_changes)
@@ -238,23 +239,10 @@ class LlamaEngine:
             raise EngineNotReady()
         return self._runtime
 
-    def _messages(self, history: list[Exchange], message: str) -> list[dict[str, str]]:
-        messages = []
-        if self._settings.system_prompt:
-            messages.append({"role": "system", "content": self._settings.system_prompt})
-        for exchange in history:
-            messages.append({"role": "user", "content": exchange.user})
-            messages.append({"role": "assistant", "content": exchange.assistant})
-        messages.append({"role": "user", "content": message})
-        return messages
-
     def _conversation_start(self, runtime: Runtime) -> list[int]:
-        """The tokens every new conversation's prompt begins with: what the
-        chat template renders before the first user message's text, the
-        system prompt included (from the settings, never from a user)."""
-        llama = cast(LlamaRuntime, runtime)
-        one, other = (llama.tokenize_chat(self._messages([], text)) for text in ("a", "b"))
-        return one[: common_prefix_length(one, other)]
+        """The tokens every new conversation's prompt begins with (from the
+        settings, never from a user): the scheduler's shared start."""
+        return self._prompts.start(cast(LlamaRuntime, runtime))
 
     @staticmethod
     def _tokenize_conversation(
@@ -271,17 +259,6 @@ class LlamaEngine:
             param = "prompt" if request.prompt is not None else "messages"
             raise ContextOverflow(len(prompt), runtime.n_ctx, param=param)
         return prompt
-
-    def _fit_prompt(
-        self, runtime: LlamaRuntime, history: list[Exchange], message: str
-    ) -> list[int]:
-        """Tokenize the conversation, dropping the oldest exchanges until the
-        prompt leaves room for at least one generated token."""
-        for start in range(len(history) + 1):
-            prompt = runtime.tokenize_chat(self._messages(history[start:], message))
-            if len(prompt) < runtime.n_ctx:
-                return prompt
-        raise ContextOverflow(len(prompt), runtime.n_ctx)
 
     @asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
@@ -332,7 +309,7 @@ class LlamaEngine:
             yield _replayed(session[1], history.replay)
             return
         prompt = await self._with_model(
-            self._fit_prompt, runtime, history.exchanges, request.message
+            self._prompts.fit, runtime, history.exchanges, request.message
         )
         sampling = await self._with_model(constrained, sampling, request.sampling, runtime)
         generation = self._generate(prompt, sampling, session, session[0], arrived)
