@@ -7,7 +7,7 @@ sessions, scheduling, asyncio, gRPC or HTTP.
 
 It implements ``runtime.Runtime``, what the scheduler needs of a model.
 Thread rules: everything that touches the context (``decode``, ``sample``,
-``forget``, ``save_sequence``, ``restore_sequence``, ``close``) runs on one
+``forget``, ``save_sequence``, ``restore_sequence``, ``copy_sequence``, ``close``) runs on one
 thread, the scheduler's. ``tokenize_chat``, ``piece`` and ``is_end_of_generation``
 only read the vocabulary and may run on any thread, as llama.cpp's own server
 tokenizes on its HTTP threads.
@@ -270,6 +270,7 @@ class LlamaRuntime:
         self.n_sequences = llama_cpp.llama_n_seq_max(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._copy_buffer = bytearray()
         self.chat_template = chat_template or self._meta("tokenizer.chat_template") or ""
         """The chat template in use: ``chat_template``, else the model's own."""
         if not self.chat_template:
@@ -492,17 +493,35 @@ class LlamaRuntime:
         nothing dropped) where the model keeps no cells it could cut there."""
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, from_position, -1))
 
-    def save_sequence(self, sequence: int) -> bytes:
+    def save_sequence(self, sequence: int) -> bytearray:
         """A copy of a sequence's KV cells, to restore later."""
         size = llama_cpp.llama_state_seq_get_size(self._ctx, sequence)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, sequence)
-        return ctypes.string_at(buffer, written)
+        state = bytearray(size)
+        written = self._read_cells(sequence, state)
+        return state if written == size else state[:written]
 
-    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+    def restore_sequence(self, sequence: int, state: bytearray) -> bool:
         """Load a saved copy into an empty sequence; ``False`` if llama.cpp refuses it."""
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        return llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), sequence) > 0
+        cells = (ctypes.c_uint8 * len(state)).from_buffer(state)  # no copy
+        return llama_cpp.llama_state_seq_set_data(self._ctx, cells, len(state), sequence) > 0
+
+    def copy_sequence(self, source: int, target: int) -> bool:
+        """``source``'s cells into the empty ``target``, through a buffer kept
+        for the purpose: fresh memory for every copy cost more in page faults
+        than llama.cpp's own copying (measured: 5 ms against 1 ms for 500 cells)."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, source)
+        if len(self._copy_buffer) < size:
+            self._copy_buffer = bytearray(size)
+        written = self._read_cells(source, self._copy_buffer)
+        cells = (ctypes.c_uint8 * written).from_buffer(self._copy_buffer)
+        return (
+            written > 0
+            and llama_cpp.llama_state_seq_set_data(self._ctx, cells, written, target) > 0
+        )
+
+    def _read_cells(self, sequence: int, into: bytearray) -> int:
+        cells = (ctypes.c_uint8 * len(into)).from_buffer(into)  # no copy
+        return llama_cpp.llama_state_seq_get_data(self._ctx, cells, len(into), sequence)
 
     def close(self) -> None:
         if self._ctx:

@@ -94,14 +94,17 @@ class ScriptedRuntime:
         self.cells[sequence] = min(self.cells[sequence], from_position)
         return True
 
-    def save_sequence(self, sequence: int) -> bytes:
-        return self.cells[sequence].to_bytes(8, "little")
+    def save_sequence(self, sequence: int) -> bytearray:
+        return bytearray(self.cells[sequence].to_bytes(8, "little"))
 
-    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+    def restore_sequence(self, sequence: int, state: bytearray) -> bool:
         if not self.restores:
             return False
         self.cells[sequence] = int.from_bytes(state, "little")
         return True
+
+    def copy_sequence(self, source: int, target: int) -> bool:
+        return self.restore_sequence(target, self.save_sequence(source))
 
     def evaluated(self, sequence: int) -> int:
         """Tokens of one sequence evaluated so far, in all batches."""

@@ -72,5 +72,8 @@ class NoRestoreRuntime(LlamaRuntime):
     """The real runtime, whose ``llama_state_seq_set_data`` is refused: every
     prompt is evaluated from its first token, as before the shared start."""
 
-    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+    def restore_sequence(self, sequence: int, state: bytearray) -> bool:
+        return False
+
+    def copy_sequence(self, source: int, target: int) -> bool:
         return False

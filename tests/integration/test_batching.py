@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
+from dataclasses import replace
 
 import pytest
 
@@ -120,6 +121,29 @@ async def test_a_new_conversation_begins_from_the_shared_start_and_answers_as_be
             )
             assert stateless.cached_prompt_tokens == reply.cached_prompt_tokens
             assert stateless.text == cold.text
+
+
+async def test_a_new_conversation_starts_from_another_ones_cells_and_answers_as_before(
+    make_engine,
+):
+    """A new session's first turn copies the cells of the longest start its
+    prompt shares with another conversation of its tenant (beside it, or in
+    the slot it takes), and answers exactly as from the shared start alone."""
+    first, *others = [
+        ask(f"Hi! My name is {name} and I like {hobby}.", name)
+        for name, hobby in [("Sam", "hiking"), ("Ana", "painting"), ("Li", "chess")]
+    ]
+    # Each in a tenant of its own finds nothing of the others: the shared start only.
+    apart = await make_engine()
+    alone = [await apart.chat(replace(r, tenant=f"apart: {r.session_id}")) for r in others]
+    assert {a.cached_prompt_tokens for a in alone} == {apart.shared_start_tokens}
+    for n_slots in (2, 1):  # 1: each takes the previous one's slot and cuts its cells
+        engine = await make_engine(n_slots=n_slots)
+        await engine.chat(first)
+        for request, cold in zip(others, alone, strict=True):
+            reply = await engine.chat(request)
+            assert reply.cached_prompt_tokens > engine.shared_start_tokens  # "Hi! My name is"
+            assert reply.text == cold.text
 
 
 async def test_a_turn_from_the_cached_prefix_evaluates_only_what_is_new(make_engine, tokenizer):

@@ -58,7 +58,8 @@ async def test_sessions_unused_past_the_ttl_are_removed(make_engine):
 async def test_past_max_sessions_the_evicted_session_loses_its_kv_cache_too(make_engine):
     engine = await make_engine(max_sessions=1)
     first = await engine.chat(ask("Hello!", "a", max_tokens=4))
-    await engine.chat(ask("Hello!", "b", max_tokens=4))
+    # (Another first message: a prompt that begins as "b"'s would start from its cells.)
+    await engine.chat(ask("Good morning!", "b", max_tokens=4))
     assert (await engine.list_sessions()).ids == ["b"]
     again = await engine.chat(ask("Hello!", "a", max_tokens=4))
     # "a" starts over: the same prompt as its first turn, none of it from a stale cache.

@@ -41,9 +41,10 @@ class Run:
         session: str | None = None,
         stop: tuple[str, ...] = (),
         on_piece: Callable[[str], None] = lambda piece: None,
+        tenant: str = "tenant",
     ) -> Future[Generation]:
         done: Future[Generation] = Future()
-        key = ("tenant", session) if session is not None else None
+        key = (tenant, session) if session is not None else None
         self.scheduler.submit(Job(key, prompt, GREEDY, on_piece, settle(done), stop=stop))
         return done
 
@@ -255,9 +256,28 @@ def test_the_shared_start_is_evaluated_once_and_each_new_conversation_begins_fro
     # Only what follows the shared start, at the positions after it.
     assert [(5, 4), (6, 5)] in prompts and [(7, 4), (8, 5)] in prompts
     # A prompt that begins otherwise (another system prompt) evaluates in full.
-    other = started.submit([1, 9, 3], session="c").result(timeout=TIMEOUT_S)
+    other = started.submit([9, 2, 3], session="c").result(timeout=TIMEOUT_S)
     assert other.cached_tokens == 0
-    assert [(e.token, e.position) for e in runtime.batches[-2]] == [(1, 0), (9, 1), (3, 2)]
+    assert [(e.token, e.position) for e in runtime.batches[-2]] == [(9, 0), (2, 1), (3, 2)]
+
+
+def test_a_new_conversation_starts_from_the_longest_start_another_one_of_its_tenant_holds(run):
+    runtime = ScriptedRuntime(n_sequences=3, reply=[10])
+    started = run(runtime, shared_start=[1, 2])
+    started.submit([1, 2, 3, 4, 5, 6], session="a").result(timeout=TIMEOUT_S)
+    before = len(runtime.batches)
+    # "a" keeps its slot: the cells of its first four tokens are copied.
+    second = started.submit([1, 2, 3, 4, 7, 8], session="b").result(timeout=TIMEOUT_S)
+    assert second.cached_tokens == 4
+    assert [(e.token, e.position) for e in runtime.batches[before]] == [(7, 4), (8, 5)]
+    # Another tenant gets the shared start only.
+    other = started.submit([1, 2, 3, 4, 7, 8], session="c", tenant="other").result(
+        timeout=TIMEOUT_S
+    )
+    assert other.cached_tokens == 2
+    # "a" is unchanged: its next turn finds all its cells.
+    again = started.submit([1, 2, 3, 4, 5, 6, 10, 11], session="a").result(timeout=TIMEOUT_S)
+    assert again.cached_tokens == 7
 
 
 def test_without_the_shared_start_nothing_is_lost_but_time(run):

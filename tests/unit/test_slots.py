@@ -4,28 +4,38 @@ llama.cpp's sequence memory (the real one: tests/integration/test_batching.py)."
 from __future__ import annotations
 
 from inference_server.domain import SessionKey
-from inference_server.slots import Slot, SlotTable, common_prefix_length
+from inference_server.slots import (
+    COPY_CELLS_PER_TOKEN_GAINED,
+    Slot,
+    SlotTable,
+    common_prefix_length,
+)
 
 
 class Memory:
     """Records what the table asks of llama.cpp's memory."""
 
-    def __init__(self, n_sequences: int, *, cuts: bool = True) -> None:
+    def __init__(self, n_sequences: int, *, cuts: bool = True, copies: bool = True) -> None:
         self.n_sequences = n_sequences
         self.cuts = cuts  # False: as a recurrent model, only whole sequences are dropped
+        self.copies = copies
         self.calls: list[tuple] = []
 
     def forget(self, sequence: int, from_position: int = 0) -> bool:
         self.calls.append(("forget", sequence, from_position))
         return self.cuts or from_position == 0
 
-    def save_sequence(self, sequence: int) -> bytes:
+    def save_sequence(self, sequence: int) -> bytearray:
         self.calls.append(("save", sequence))
-        return bytes(100)
+        return bytearray(100)
 
-    def restore_sequence(self, sequence: int, state: bytes) -> bool:
+    def restore_sequence(self, sequence: int, state: bytearray) -> bool:
         self.calls.append(("restore", sequence))
         return True
+
+    def copy_sequence(self, source: int, target: int) -> bool:
+        self.calls.append(("copy", source, target))
+        return self.copies
 
 
 TENANT = "tenant"
@@ -168,20 +178,64 @@ def test_a_job_finds_the_free_slot_whose_cells_begin_as_its_prompt():
 
 
 def test_a_short_shared_start_does_not_overwrite_another_conversation():
-    table = SlotTable(Memory(2), saved_state_bytes=0)
+    memory = Memory(2)
+    table = SlotTable(memory, saved_state_bytes=0)
     conversation = anonymous(table, [1, 2, 3, 4, 5, 6])
-    # Only the template's first token in common: the empty slot is taken.
+    # Only the template's first token in common: the empty slot is taken, and
+    # gets a copy of the conversation's cells (cut later by reuse_prefix).
     slot = table.acquire(None, [1, 9, 9], TENANT)
-    assert slot is not conversation and slot is not None and slot.tokens == []
+    assert slot is not conversation and slot is not None
+    assert memory.calls[-1] == ("copy", conversation.sequence, slot.sequence)
+    assert slot.tokens == [1, 2, 3, 4, 5, 6] and table.reuse_prefix(slot, [1, 9, 9]) == 1
     assert conversation.tokens == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_slot_a_session_holds_is_not_taken_for_its_prefix():
+def test_a_slot_a_session_holds_is_not_taken_for_its_prefix_but_copied():
     table = SlotTable(Memory(2), saved_state_bytes=0)
     held = used(table, key("a"), [1, 2, 3])
     slot = table.acquire(None, [1, 2, 3, 4], TENANT)
-    assert slot is not held and slot is not None and slot.tokens == []
-    assert held.tokens == [1, 2, 3]
+    assert slot is not held and slot is not None and slot.tokens == [1, 2, 3]
+    assert held.tokens == [1, 2, 3] and held.session == key("a")
+
+
+def test_the_longest_start_is_copied_only_where_cheaper_than_evaluating_it():
+    memory = Memory(3)
+    table = SlotTable(memory, saved_state_bytes=0)
+    short = used(table, key("a"), [1, 2, 3])
+    # Five tokens in common, but more cells than five tokens are worth.
+    long = used(table, key("b"), [1, 2, 3, 4, 5] + [0] * (COPY_CELLS_PER_TOKEN_GAINED * 5))
+    slot = table.acquire(key("c"), [1, 2, 3, 4, 5, 6])
+    assert slot is not None and slot not in (short, long)
+    assert slot.tokens == short.tokens  # the cheaper donor
+    assert long.tokens[:5] == [1, 2, 3, 4, 5] and long.session == key("b")
+
+
+def test_a_taken_slot_whose_own_cells_start_the_prompt_keeps_them():
+    memory = Memory(1)
+    table = SlotTable(memory, saved_state_bytes=1000)
+    used(table, key("a"), [1, 2, 3, 4, 5])
+    memory.calls.clear()
+    slot = table.acquire(key("b"), [1, 2, 3, 9])
+    assert slot is not None and slot.session == key("b")
+    assert memory.calls == [("save", slot.sequence)]  # a's state kept, no copy, no forget
+    assert table.reuse_prefix(slot, [1, 2, 3, 9]) == 3
+    assert table.saved_sessions == [key("a")]
+
+
+def test_a_donor_is_not_used_where_the_shared_start_gives_as_much():
+    memory = Memory(2)
+    table = SlotTable(memory, saved_state_bytes=0)
+    start = table.acquire(None, [1, 2, 3], TENANT)
+    assert start is not None
+    start.tokens = [1, 2, 3]
+    table.keep_shared_start(start)
+    start.busy = False
+    conversation = used(table, key("a"), [1, 2, 3, 4, 5])
+    memory.calls.clear()
+    slot = table.acquire(key("b"), [1, 2, 3, 7])
+    assert slot is not None and slot is not conversation
+    assert [call[0] for call in memory.calls] == ["restore"]  # the shared start only
+    assert slot.tokens == [1, 2, 3]
 
 
 def test_without_a_shared_start_the_usual_choice_applies():
@@ -208,3 +262,12 @@ def test_cells_of_one_tenant_are_never_shared_with_another():
     table.acquire(None, [7], "intruder")
     taken = table.acquire(None, [8], "intruder")
     assert taken is secret and taken.tokens == [] and taken.tenant == "intruder"
+
+
+def test_a_refused_copy_leaves_the_slot_empty():
+    memory = Memory(2, copies=False)
+    table = SlotTable(memory, saved_state_bytes=0)
+    used(table, key("a"), [1, 2, 3])
+    slot = table.acquire(key("b"), [1, 2, 3, 4])
+    assert slot is not None and slot.tokens == []
+    assert memory.calls[-2:] == [("copy", 0, slot.sequence), ("forget", slot.sequence, 0)]
