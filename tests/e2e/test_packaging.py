@@ -199,7 +199,7 @@ def test_the_wheel_holds_only_llamachat_names_the_stubs_the_page_and_the_command
         assert f"llamachat/{package}/__main__.py" in names
     assert not [name for name in names if "/tests/" in name or "/node/" in name]
     for command in COMMANDS:
-        assert re.search(rf"^{command} = llamachat\.", entry_points, re.MULTILINE)
+        assert re.search(rf"^{command} = llamachat(\.|_process\.commands:)", entry_points, re.M)
 
 
 def absolute_imports(path: Path) -> Iterator[tuple[int, str]]:
@@ -277,6 +277,17 @@ def test_a_plain_install_is_the_client_without_the_server_stack(built: Built):
         assert Path(path).is_relative_to(light.venv), path
     helped = light.run(light.command("llamachat"), "--help")
     assert helped.returncode == 0 and helped.stdout.startswith("usage: llamachat "), helped.stderr
+    # The server's commands are there too (a wheel's commands do not depend on
+    # its extras): they say which extra to install, with no traceback.
+    for command, extra in [
+        ("llamachat-core", "core"),
+        ("llamachat-gateway", "gateway"),
+        ("llamachat-serve", "server"),
+    ]:
+        refused = light.run(light.command(command), "--help")
+        assert refused.returncode == 2, (command, refused.stdout, refused.stderr)
+        assert f"pip install 'llamachat[{extra}]'" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
 
 
 def test_the_server_install_runs_its_packages_and_commands_outside_the_repository(built: Built):
